@@ -1,0 +1,12 @@
+//! Device models for hpcvm guests.
+//!
+//! The VMM's vCPU threads hand every port-I/O exit to a [`bus::PioBus`]; the devices on
+//! it are the legacy PC pieces a Linux guest needs on a KVM with in-kernel irqchip and PIT:
+//! a 16550 UART on COM1 and the i8042 controller's reset line.
+
+pub mod bus;
+pub mod legacy;
+pub mod trigger;
+
+pub use bus::{PioBus, PioDevice};
+pub use trigger::EventFdTrigger;

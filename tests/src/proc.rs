@@ -1,0 +1,212 @@
+//! Running the `hpcvm` binary as a child process, the way a queueing system would:
+//! every VM lives in its own process, so KVM state is always released, and every run
+//! has a deadline so a hung guest fails the test instead of hanging CI.
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// Deadline for one guest run. Guest ring-0 code is emulated on software-KVM hosts, but
+/// the tiny guests finish in well under a second.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Path of the `hpcvm` binary: `$HPCVM_BIN`, else the one cargo built beside this test.
+pub fn hpcvm_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("HPCVM_BIN") {
+        return p.into();
+    }
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> -> target/<profile>/hpcvm
+    let bin = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .map(|d| d.join("hpcvm"))
+        .expect("target directory layout");
+    assert!(
+        bin.is_file(),
+        "{} not found: build it first with `cargo build -p vmm --bin hpcvm` \
+         (`make test` does), or point HPCVM_BIN at it",
+        bin.display()
+    );
+    bin
+}
+
+/// What a finished run left behind.
+#[derive(Debug)]
+pub struct Finished {
+    /// Exit code (None if killed by a signal).
+    pub code: Option<i32>,
+    /// Everything written to stdout.
+    pub stdout: String,
+    /// Everything written to stderr.
+    pub stderr: String,
+    /// Wall time.
+    pub elapsed: Duration,
+}
+
+/// Runs `hpcvm ARGS` to completion; kills it and panics past `timeout`.
+pub fn run_hpcvm(args: &[&str], timeout: Duration) -> Finished {
+    let start = Instant::now();
+    let mut child = spawn(args);
+    let (out_rx, err_rx) = drain(&mut child);
+    loop {
+        if let Some(status) = child.try_wait().expect("wait for hpcvm") {
+            return Finished {
+                code: status.code(),
+                stdout: out_rx.recv().unwrap_or_default(),
+                stderr: err_rx.recv().unwrap_or_default(),
+                elapsed: start.elapsed(),
+            };
+        }
+        if start.elapsed() > timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "hpcvm {args:?} still running after {timeout:?}; stdout so far: {:?}",
+                out_rx
+                    .recv_timeout(Duration::from_secs(1))
+                    .unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Starts `hpcvm ARGS` with piped stdout/stderr and no stdin.
+pub fn spawn(args: &[&str]) -> Child {
+    Command::new(hpcvm_bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn hpcvm")
+}
+
+fn drain(child: &mut Child) -> (mpsc::Receiver<String>, mpsc::Receiver<String>) {
+    let collect = |mut r: Box<dyn Read + Send>| {
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = r.read_to_string(&mut s);
+            let _ = tx.send(s);
+        });
+        rx
+    };
+    (
+        collect(Box::new(child.stdout.take().expect("piped stdout"))),
+        collect(Box::new(child.stderr.take().expect("piped stderr"))),
+    )
+}
+
+/// A running hpcvm whose stdout is read line by line; killed (SIGKILL) on drop.
+pub struct RunningVm {
+    /// The child process.
+    pub child: Child,
+    lines: mpsc::Receiver<String>,
+}
+
+impl RunningVm {
+    /// Starts `hpcvm ARGS`.
+    pub fn start(args: &[&str]) -> Self {
+        let mut child = spawn(args);
+        let out = child.stdout.take().expect("piped stdout");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Self { child, lines }
+    }
+
+    /// Waits until the guest prints a line containing `needle`; panics past `timeout`.
+    pub fn wait_for_line(&mut self, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) if l.contains(needle) => return l,
+                Ok(_) => {}
+                Err(_) => {
+                    let status = self.child.try_wait().ok().flatten();
+                    let mut err = String::new();
+                    if let Some(e) = self.child.stderr.as_mut() {
+                        if status.is_some() {
+                            let _ = e.read_to_string(&mut err);
+                        }
+                    }
+                    panic!("no line containing {needle:?} within {timeout:?} (exit: {status:?}, stderr: {err})");
+                }
+            }
+        }
+    }
+
+    /// Process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Kills the VMM with SIGKILL and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for RunningVm {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// (thread name, Cpus_allowed_list) of every thread of process `pid`.
+pub fn thread_affinities(pid: u32) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let dir = format!("/proc/{pid}/task");
+    for entry in std::fs::read_dir(&dir)
+        .expect("read /proc/PID/task")
+        .flatten()
+    {
+        let path = entry.path();
+        let comm = std::fs::read_to_string(path.join("comm")).unwrap_or_default();
+        let status = std::fs::read_to_string(path.join("status")).unwrap_or_default();
+        let allowed = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+            .unwrap_or("")
+            .trim()
+            .to_string();
+        out.push((comm.trim().to_string(), allowed));
+    }
+    out.sort();
+    out
+}
+
+/// CPUs this (test) process may run on.
+pub fn allowed_cpus() -> Vec<usize> {
+    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
+    let list = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .expect("Cpus_allowed_list")
+        .trim()
+        .to_string();
+    let mut cpus = Vec::new();
+    for part in list.split(',') {
+        match part.split_once('-') {
+            Some((a, b)) => cpus.extend(a.parse::<usize>().unwrap()..=b.parse::<usize>().unwrap()),
+            None => cpus.push(part.parse().unwrap()),
+        }
+    }
+    cpus
+}
+
+/// True when the host's KVM is software virtualization (kvm_pvm).
+pub fn software_kvm() -> bool {
+    std::path::Path::new("/sys/module/kvm_pvm").exists()
+}

@@ -1,0 +1,176 @@
+//! Bad input never starts a guest: each gets a message naming the problem and its own
+//! documented exit code, and leaves nothing behind (hugepages included).
+
+use hpcvm_tests::guest;
+use hpcvm_tests::hugepages::{free_2m, Reservation};
+use hpcvm_tests::proc::{allowed_cpus, run_hpcvm, Finished, DEFAULT_TIMEOUT};
+
+const CONFIG: i32 = 160;
+const IMAGE: i32 = 161;
+const HOST: i32 = 162;
+const USAGE: i32 = 2;
+
+fn hpcvm(args: &[&str]) -> Finished {
+    run_hpcvm(args, DEFAULT_TIMEOUT)
+}
+
+fn run_hello(extra: &[&str]) -> Finished {
+    let kernel = guest("hello");
+    let mut args = vec!["run", "--kernel", kernel.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    hpcvm(&args)
+}
+
+fn assert_fails(r: &Finished, code: i32, message: &str) {
+    assert_eq!(r.code, Some(code), "stderr: {}", r.stderr);
+    assert!(
+        r.stderr.starts_with("hpcvm: error: ") && r.stderr.contains(message),
+        "expected {message:?} in stderr: {}",
+        r.stderr
+    );
+    assert!(r.stdout.is_empty(), "no guest ran: {}", r.stdout);
+}
+
+fn temp(name: &str, bytes: &[u8]) -> std::path::PathBuf {
+    let p = std::env::temp_dir().join(format!("hpcvm-err-{}-{name}", std::process::id()));
+    std::fs::write(&p, bytes).unwrap();
+    p
+}
+
+#[test]
+fn missing_kernel_is_named() {
+    let r = hpcvm(&["run", "--kernel", "/nonexistent/vmlinux"]);
+    assert_fails(
+        &r,
+        IMAGE,
+        "Cannot read kernel image /nonexistent/vmlinux: No such file or directory",
+    );
+}
+
+#[test]
+fn non_kernel_file_is_refused_with_what_it_is() {
+    let p = temp("script", b"#!/bin/sh\necho not a kernel\n");
+    let r = hpcvm(&["run", "--kernel", p.to_str().unwrap()]);
+    std::fs::remove_file(&p).unwrap();
+    assert_fails(
+        &r,
+        IMAGE,
+        "is neither an ELF vmlinux nor a bzImage (it starts with bytes 23 21 2f 62)",
+    );
+    let empty = temp("empty", b"");
+    let r = hpcvm(&["run", "--kernel", empty.to_str().unwrap()]);
+    std::fs::remove_file(&empty).unwrap();
+    assert_fails(&r, IMAGE, "(the file is empty)");
+}
+
+#[test]
+fn truncated_elf_kernel_is_refused() {
+    let whole = std::fs::read(guest("hello")).unwrap();
+    let p = temp("truncated", &whole[..100]);
+    let r = hpcvm(&["run", "--kernel", p.to_str().unwrap()]);
+    std::fs::remove_file(&p).unwrap();
+    assert_fails(&r, IMAGE, "Cannot load kernel image");
+}
+
+#[test]
+fn missing_initramfs_is_named() {
+    let r = run_hello(&["--initramfs", "/nonexistent/initrd"]);
+    assert_fails(
+        &r,
+        IMAGE,
+        "Cannot read initramfs /nonexistent/initrd: No such file or directory",
+    );
+}
+
+#[test]
+fn initramfs_larger_than_guest_ram_is_refused() {
+    let p = temp("bigrd", &vec![0u8; 20 << 20]);
+    let r = run_hello(&["--memory", "16M", "--initramfs", p.to_str().unwrap()]);
+    std::fs::remove_file(&p).unwrap();
+    assert_fails(&r, IMAGE, "does not fit in guest RAM");
+}
+
+#[test]
+fn zero_and_too_many_vcpus_are_config_errors() {
+    assert_fails(
+        &run_hello(&["--cpus", "0"]),
+        CONFIG,
+        "Invalid --cpus '0': a guest needs at least 1 vCPU",
+    );
+    assert_fails(
+        &run_hello(&["--cpus", "300"]),
+        CONFIG,
+        "Invalid --cpus '300': 300 vCPUs is more than the 254 hpcvm supports",
+    );
+}
+
+#[test]
+fn affinity_outside_the_allowed_cpus_is_refused() {
+    let beyond = allowed_cpus().iter().max().unwrap() + 1;
+    let r = run_hello(&["--cpus", &format!("1,affinity={beyond}")]);
+    assert_fails(
+        &r,
+        CONFIG,
+        &format!("--cpus affinity names host CPU {beyond}, which this process may not use"),
+    );
+}
+
+#[test]
+fn affinity_that_is_not_one_to_one_is_refused() {
+    let r = run_hello(&["--cpus", "2,affinity=0,0"]);
+    assert_fails(
+        &r,
+        CONFIG,
+        "host CPU 0 is given to two vCPUs; pinning is 1:1",
+    );
+}
+
+#[test]
+fn memory_beyond_the_host_is_refused() {
+    let r = run_hello(&["--memory", "64T"]);
+    assert_fails(&r, HOST, "Guest memory 64T is more than this host's");
+}
+
+#[test]
+fn bad_memory_syntax_is_a_config_error() {
+    assert_fails(
+        &run_hello(&["--memory", "lots"]),
+        CONFIG,
+        "Invalid --memory 'lots'",
+    );
+    assert_fails(
+        &run_hello(&["--memory", "33M,hugepages=2M"]),
+        CONFIG,
+        "33M is not a multiple of the 2M page size",
+    );
+}
+
+#[test]
+fn too_long_cmdline_is_a_config_error() {
+    let long = "x".repeat(3000);
+    let r = run_hello(&["--cmdline", &long]);
+    assert_fails(&r, CONFIG, "Kernel command line rejected");
+}
+
+#[test]
+fn unknown_option_is_a_usage_error() {
+    let r = hpcvm(&["run", "--kernel", "k", "--frobnicate"]);
+    assert_eq!(r.code, Some(USAGE), "{}", r.stderr);
+    assert!(r.stderr.contains("--frobnicate"), "{}", r.stderr);
+}
+
+#[test]
+fn hugepage_pool_too_small_fails_before_boot_and_leaks_nothing() {
+    let pool = Reservation::take(8);
+    pool.set_free(5);
+    let before = free_2m();
+    let r = run_hello(&["--memory", "64M,hugepages=2M"]);
+    let after = free_2m();
+    drop(pool);
+    assert_fails(
+        &r,
+        HOST,
+        "Hugepage pool has 5 free 2M pages, guest needs 32: raise /proc/sys/vm/nr_hugepages",
+    );
+    assert_eq!(after, before, "no hugepage kept");
+}

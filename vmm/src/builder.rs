@@ -1,0 +1,201 @@
+//! Turns a [`VmConfig`] into a running guest and waits for it to end: the data path
+//! config -> memory -> vCPUs -> devices -> control loop -> exit, in one function.
+
+use std::sync::Arc;
+
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::boot::{self, BootImage};
+use crate::config::{CpusConfig, VmConfig};
+use crate::control;
+use crate::host;
+use crate::legacy::LegacyDevices;
+use crate::memory;
+use crate::vstate::topology::{places, VcpuPlace};
+use crate::vstate::vcpu::{install_kick_handler, stop_all, StartGate, Vcpu, VcpuShared};
+use crate::vstate::{cpuid, msr, GuestExit, Vm};
+use crate::Error;
+
+/// Builds the VM described by `config`, runs it until the guest stops, tears it down
+/// and returns how the guest ended.
+pub fn run(config: &VmConfig) -> Result<GuestExit, Error> {
+    let software_kvm = host::is_software_kvm();
+    let allowed = host::allowed_cpus().map_err(|source| Error::Io {
+        what: "reading this process's CPU affinity",
+        source,
+    })?;
+    check_affinity(&config.cpus, &allowed)?;
+
+    let vm = Vm::new(config.cpus.count)?;
+    let mem = memory::create_guest_memory(&config.memory)?;
+    if config.memory.prefault {
+        let cpus = config.cpus.affinity.as_deref().unwrap_or(&allowed);
+        memory::prefault::prefault(&mem, config.memory.hugepages.bytes(), cpus)?;
+    }
+    vm.register_memory(&mem)?;
+
+    let ram = config.memory.size;
+    let cmdline = guest_cmdline(config, software_kvm);
+    let image = boot::load(&config.kernel, &cmdline, &mem, ram)?;
+    boot::params::write(&image, &mem, ram)?;
+    boot::regs::write_tables(&mem, image.protocol)?;
+    let places = places(&config.cpus.topology);
+    boot::mptable::write(&mem, &places)?;
+
+    let legacy = LegacyDevices::new(&vm)?;
+    let vcpu_evt = EventFd::new(EFD_NONBLOCK).map_err(|source| Error::Io {
+        what: "the vCPU exit eventfd",
+        source,
+    })?;
+    let shared = Arc::new(VcpuShared::new(vcpu_evt.try_clone().map_err(|source| {
+        Error::Io {
+            what: "the vCPU exit eventfd",
+            source,
+        }
+    })?));
+    install_kick_handler().map_err(|source| Error::Io {
+        what: "the vCPU kick signal handler",
+        source,
+    })?;
+
+    let vcpus = create_vcpus(
+        &vm,
+        config,
+        &places,
+        &image,
+        &mem,
+        &legacy,
+        &shared,
+        software_kvm,
+    )?;
+    let gate = Arc::new(StartGate::default());
+    let mut handles = Vec::with_capacity(vcpus.len());
+    for vcpu in vcpus {
+        match vcpu.start(gate.clone()) {
+            Ok(h) => handles.push(h),
+            Err(source) => {
+                gate.abort();
+                stop_all(&shared, handles);
+                return Err(Error::Io {
+                    what: "a vCPU thread",
+                    source,
+                });
+            }
+        }
+    }
+
+    gate.open_when_arrived(handles.len());
+    let result = control::run_until_exit(
+        shared.clone(),
+        vcpu_evt,
+        legacy.reset_evt,
+        legacy.console.clone(),
+    );
+    stop_all(&shared, handles);
+    let _ = legacy.console.lock().map(|mut c| c.flush());
+    drop(vm);
+    drop(mem);
+    result?;
+    Ok(shared.exit().unwrap_or(GuestExit::Reset))
+}
+
+/// The kernel command line: hpcvm's defaults, the user's items, and on a software-KVM
+/// host the switches that keep the guest kernel off instructions its emulator lacks.
+/// (That KVM passes the host's CPUID feature bits through whatever the VMM sets, so
+/// the CPUID filter alone cannot hide them there.)
+pub fn guest_cmdline(config: &VmConfig, software_kvm: bool) -> String {
+    let mut cmdline = config.kernel.full_cmdline();
+    if software_kvm {
+        cmdline.push(' ');
+        cmdline.push_str(cpuid::SOFTWARE_KVM_CMDLINE);
+    }
+    cmdline
+}
+
+/// Refuses pinning to CPUs outside this process's affinity mask (its cpuset): the
+/// scheduler would refuse them anyway, after the guest had started.
+fn check_affinity(cpus: &CpusConfig, allowed: &[usize]) -> Result<(), Error> {
+    let Some(aff) = &cpus.affinity else {
+        return Ok(());
+    };
+    match aff.iter().find(|c| !allowed.contains(c)) {
+        Some(&cpu) => Err(Error::AffinityNotAllowed {
+            cpu,
+            allowed: host::fmt_cpu_list(allowed),
+        }),
+        None => Ok(()),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn create_vcpus(
+    vm: &Vm,
+    config: &VmConfig,
+    places: &[VcpuPlace],
+    image: &BootImage,
+    mem: &GuestMemoryMmap,
+    legacy: &LegacyDevices,
+    shared: &Arc<VcpuShared>,
+    software_kvm: bool,
+) -> Result<Vec<Vcpu>, Error> {
+    let msrs = msr::boot_msrs(&vm.msr_index);
+    let mut vcpus = Vec::with_capacity(places.len());
+    for place in places {
+        let i = place.index;
+        let setup = |what| {
+            move |source| Error::VcpuSetup {
+                vcpu: i,
+                what,
+                source,
+            }
+        };
+        let fd = vm
+            .fd
+            .create_vcpu(u64::from(place.apic_id))
+            .map_err(setup("CREATE_VCPU"))?;
+        let cpuid = cpuid::vcpu_cpuid(
+            &vm.supported_cpuid,
+            &config.cpus.topology,
+            place,
+            software_kvm,
+        );
+        fd.set_cpuid2(&cpuid).map_err(setup("SET_CPUID2"))?;
+        let set = fd.set_msrs(&msrs).map_err(setup("SET_MSRS"))?;
+        if let Some(rejected) = msrs.as_slice().get(set) {
+            return Err(Error::MsrRejected {
+                vcpu: i,
+                msr: rejected.index,
+            });
+        }
+        boot::regs::setup_lapic(&fd).map_err(setup("SET_LAPIC"))?;
+        if i == 0 {
+            boot::regs::setup_boot_vcpu(&fd, image).map_err(setup("SET_REGS"))?;
+        }
+        vcpus.push(Vcpu {
+            index: i,
+            fd,
+            host_cpu: config.cpus.affinity.as_ref().map(|a| a[i as usize]),
+            pio: legacy.pio.clone(),
+            mem: mem.clone(),
+            shared: shared.clone(),
+        });
+    }
+    Ok(vcpus)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn affinity_outside_the_allowed_set_is_named() {
+        let cpus: CpusConfig = "2,affinity=0,9".parse().unwrap();
+        let err = check_affinity(&cpus, &[0, 1, 2, 3]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "--cpus affinity names host CPU 9, which this process may not use (allowed: 0-3)"
+        );
+        check_affinity(&"2,affinity=3,1".parse().unwrap(), &[0, 1, 2, 3]).unwrap();
+    }
+}

@@ -1,0 +1,71 @@
+//! What the user asked for: one small struct per configurable resource, parsed from the
+//! command line's option strings. Parsing here is pure; checks against the host (allowed
+//! CPUs, hugepage pools, KVM limits) happen where the resource is built.
+
+pub mod cpus;
+pub mod memory;
+
+use std::path::PathBuf;
+
+pub use cpus::{CpusConfig, Topology};
+pub use memory::{HugePageSize, MemoryConfig};
+use thiserror::Error;
+
+/// Kernel command-line items every guest gets before the user's: console on COM1, reset
+/// through the i8042 (what hpcvm treats as "guest exited"), and no reboot loop on panic.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1";
+
+/// A configuration value that cannot work, whatever the host.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ConfigError {
+    /// `--cpus` did not parse.
+    #[error("Invalid --cpus '{value}': {reason}")]
+    Cpus {
+        /// The option string as given.
+        value: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// `--memory` did not parse.
+    #[error("Invalid --memory '{value}': {reason}")]
+    Memory {
+        /// The option string as given.
+        value: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+/// The guest kernel and what it boots with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KernelConfig {
+    /// ELF vmlinux (PVH or 64-bit entry) or bzImage.
+    pub path: PathBuf,
+    /// Optional initramfs, loaded as-is (give it uncompressed for fast boots).
+    pub initramfs: Option<PathBuf>,
+    /// Appended to [`DEFAULT_CMDLINE`].
+    pub cmdline: String,
+}
+
+impl KernelConfig {
+    /// The full command line the guest sees.
+    pub fn full_cmdline(&self) -> String {
+        let extra = self.cmdline.trim();
+        if extra.is_empty() {
+            DEFAULT_CMDLINE.to_string()
+        } else {
+            format!("{DEFAULT_CMDLINE} {extra}")
+        }
+    }
+}
+
+/// Everything needed to build and run one VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmConfig {
+    /// Guest kernel, initramfs and command line.
+    pub kernel: KernelConfig,
+    /// vCPU count, topology and pinning.
+    pub cpus: CpusConfig,
+    /// Guest RAM size and backing.
+    pub memory: MemoryConfig,
+}

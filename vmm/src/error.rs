@@ -1,0 +1,64 @@
+//! The VMM's top-level error: one variant per module's error, plus the few checks that
+//! need two modules at once.
+
+use std::io;
+
+use thiserror::Error;
+
+use crate::boot::BootError;
+use crate::config::ConfigError;
+use crate::memory::MemoryError;
+use crate::vstate::VmError;
+
+/// Why a VM could not be built or run.
+#[derive(Debug, Error)]
+pub enum Error {
+    /// Invalid option value.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// Affinity names a CPU this process may not use.
+    #[error(
+        "--cpus affinity names host CPU {cpu}, which this process may not use (allowed: {allowed})"
+    )]
+    AffinityNotAllowed {
+        /// The offending host CPU.
+        cpu: usize,
+        /// The process's allowed CPUs, cpulist format.
+        allowed: String,
+    },
+    /// Guest memory.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// KVM VM setup.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// Kernel, initramfs, boot structures.
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    /// A vCPU could not be created or configured.
+    #[error("Cannot set up vCPU {vcpu}: KVM {what} failed: {source}")]
+    VcpuSetup {
+        /// vCPU index.
+        vcpu: u32,
+        /// The step.
+        what: &'static str,
+        /// The ioctl's error.
+        source: kvm_ioctls::Error,
+    },
+    /// KVM refused one of the boot MSRs it listed as supported.
+    #[error("Cannot set up vCPU {vcpu}: KVM rejected MSR {msr:#x}")]
+    MsrRejected {
+        /// vCPU index.
+        vcpu: u32,
+        /// The MSR index.
+        msr: u32,
+    },
+    /// A host resource the VMM itself needs (thread, eventfd, epoll) failed.
+    #[error("Cannot set up {what}: {source}")]
+    Io {
+        /// What was being set up.
+        what: &'static str,
+        /// Why.
+        source: io::Error,
+    },
+}

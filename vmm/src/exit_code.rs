@@ -1,0 +1,123 @@
+//! hpcvm's exit status: the one place that maps outcomes to numbers.
+//!
+//! Codes 128-159 are left alone: shells report "killed by signal N" as 128+N, and a
+//! wrapper must never mistake a VMM outcome for one.
+
+use crate::vstate::GuestExit;
+use crate::Error;
+
+/// The guest reset or powered off: the normal way a guest ends.
+pub const GUEST_EXITED: u8 = 0;
+/// The command line did not parse (unknown option, missing value).
+pub const USAGE: u8 = 2;
+/// A configuration value cannot work (vCPU count, topology, affinity, memory size).
+pub const CONFIG: u8 = 160;
+/// The kernel or initramfs is missing, unreadable, corrupt or does not fit.
+pub const IMAGE: u8 = 161;
+/// The host cannot provide what was asked (no /dev/kvm, hugepage pool too small, more
+/// memory than the host has, KVM refused a setting).
+pub const HOST_RESOURCES: u8 = 162;
+/// The guest triple-faulted or reported a crash.
+pub const GUEST_CRASHED: u8 = 163;
+/// KVM could not emulate a guest instruction, or another KVM internal error.
+pub const EMULATION_FAILURE: u8 = 164;
+/// A vCPU could not enter or keep running the guest (entry failure, KVM_RUN error).
+pub const VCPU_FAILURE: u8 = 165;
+/// hpcvm itself failed (a bug, or the host ran out of threads or file descriptors).
+pub const INTERNAL: u8 = 166;
+
+/// Every code with its meaning, as documented in README.md.
+pub const TABLE: &[(u8, &str)] = &[
+    (GUEST_EXITED, "guest reset or powered off (normal end)"),
+    (
+        1,
+        "reserved for the guest job's own status (see hpcvm run -- CMD)",
+    ),
+    (USAGE, "command-line usage error"),
+    (CONFIG, "invalid configuration value"),
+    (IMAGE, "kernel or initramfs unusable"),
+    (HOST_RESOURCES, "host cannot provide the resources"),
+    (GUEST_CRASHED, "guest triple fault or crash"),
+    (EMULATION_FAILURE, "KVM emulation failure / internal error"),
+    (VCPU_FAILURE, "vCPU entry failure or KVM_RUN error"),
+    (INTERNAL, "hpcvm internal error"),
+];
+
+/// Exit status for how the guest ended.
+pub fn for_exit(exit: &GuestExit) -> u8 {
+    match exit {
+        GuestExit::Reset | GuestExit::Poweroff | GuestExit::Halted => GUEST_EXITED,
+        GuestExit::TripleFault { .. } | GuestExit::Crash { .. } => GUEST_CRASHED,
+        GuestExit::EmulationFailure { .. } | GuestExit::InternalError { .. } => EMULATION_FAILURE,
+        GuestExit::EntryFailure { .. } | GuestExit::VcpuFault { .. } => VCPU_FAILURE,
+    }
+}
+
+/// Exit status for an error that kept the guest from running.
+pub fn for_error(err: &Error) -> u8 {
+    use crate::boot::BootError;
+    use crate::memory::MemoryError;
+    use crate::vstate::VmError;
+    match err {
+        Error::Config(_) | Error::AffinityNotAllowed { .. } => CONFIG,
+        Error::Boot(BootError::Cmdline(_)) => CONFIG,
+        Error::Boot(_) => IMAGE,
+        Error::Memory(MemoryError::Layout(_)) => INTERNAL,
+        Error::Memory(_) => HOST_RESOURCES,
+        Error::Vm(VmError::OpenKvm(_) | VmError::ApiVersion(_) | VmError::TooManyVcpus { .. }) => {
+            HOST_RESOURCES
+        }
+        Error::Vm(VmError::Kvm { .. }) | Error::VcpuSetup { .. } | Error::MsrRejected { .. } => {
+            HOST_RESOURCES
+        }
+        Error::Io { .. } => INTERNAL,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_code_in_the_shells_signal_range() {
+        for (code, what) in TABLE {
+            assert!(
+                !(128..=159).contains(code),
+                "{code} ({what}) looks like a signal"
+            );
+        }
+    }
+
+    #[test]
+    fn codes_are_distinct() {
+        let mut c: Vec<u8> = TABLE.iter().map(|x| x.0).collect();
+        c.sort_unstable();
+        c.dedup();
+        assert_eq!(c.len(), TABLE.len());
+    }
+
+    #[test]
+    fn readme_documents_every_code() {
+        let readme = include_str!("../../README.md");
+        for (code, what) in TABLE {
+            let row = format!("| {code} | {what} |");
+            assert!(readme.contains(&row), "README.md lacks the row `{row}`");
+        }
+    }
+
+    #[test]
+    fn guest_outcomes_map_to_their_codes() {
+        assert_eq!(for_exit(&GuestExit::Reset), 0);
+        assert_eq!(for_exit(&GuestExit::TripleFault { vcpu: 0 }), GUEST_CRASHED);
+        let emu = GuestExit::EmulationFailure {
+            vcpu: 1,
+            rip: 0x10,
+            insn: vec![0xf3],
+        };
+        assert_eq!(for_exit(&emu), EMULATION_FAILURE);
+        assert_eq!(
+            for_exit(&GuestExit::EntryFailure { vcpu: 0, reason: 7 }),
+            VCPU_FAILURE
+        );
+    }
+}

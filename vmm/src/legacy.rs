@@ -1,0 +1,74 @@
+//! Wires the legacy devices to the VM: COM1 on IRQ 4 (irqfd) writing to stdout, and
+//! the i8042 whose reset command ends the guest.
+
+use std::io::{self, Write};
+use std::os::fd::AsFd;
+use std::sync::{Arc, Mutex};
+
+use devices::legacy::i8042::{I8042_BASE, I8042_PORTS};
+use devices::legacy::serial::{COM1_BASE, COM1_IRQ, UART_PORTS};
+use devices::legacy::{SerialConsole, I8042};
+use devices::{EventFdTrigger, PioBus};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::vstate::Vm;
+use crate::Error;
+
+/// The legacy devices and the handles the control loop needs.
+pub struct LegacyDevices {
+    /// Port-I/O bus shared by the vCPUs.
+    pub pio: Arc<PioBus>,
+    /// COM1, for host input.
+    pub console: Arc<Mutex<SerialConsole>>,
+    /// Fired by the i8042 when the guest resets the machine.
+    pub reset_evt: EventFd,
+}
+
+impl LegacyDevices {
+    /// Creates COM1 (output to this process's stdout) and the i8042 on `vm`.
+    pub fn new(vm: &Vm) -> Result<Self, Error> {
+        let io_err = |what| move |source| Error::Io { what, source };
+        let irq = EventFd::new(EFD_NONBLOCK).map_err(io_err("the COM1 interrupt eventfd"))?;
+        vm.register_irqfd(&irq, COM1_IRQ)?;
+        let console = Arc::new(Mutex::new(SerialConsole::new(
+            EventFdTrigger::new(irq),
+            Box::new(RawStdout::new().map_err(io_err("stdout for the console"))?),
+        )));
+        let reset_evt = EventFd::new(EFD_NONBLOCK).map_err(io_err("the reset eventfd"))?;
+        let i8042 = I8042::new(EventFdTrigger::new(
+            reset_evt.try_clone().map_err(io_err("the reset eventfd"))?,
+        ));
+
+        let mut bus = PioBus::new();
+        bus.insert(COM1_BASE, UART_PORTS, console.clone())
+            .and_then(|_| bus.insert(I8042_BASE, I8042_PORTS, Arc::new(Mutex::new(i8042))))
+            .map_err(|e| Error::Io {
+                what: "the port-I/O bus",
+                source: io::Error::other(e),
+            })?;
+        Ok(Self {
+            pio: Arc::new(bus),
+            console,
+            reset_evt,
+        })
+    }
+}
+
+/// Unbuffered stdout: each guest byte is visible at once (prompts have no newline).
+struct RawStdout(std::fs::File);
+
+impl RawStdout {
+    fn new() -> io::Result<Self> {
+        Ok(Self(io::stdout().as_fd().try_clone_to_owned()?.into()))
+    }
+}
+
+impl Write for RawStdout {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}

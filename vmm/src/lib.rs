@@ -1,0 +1,21 @@
+//! hpcvm: a KVM hypervisor for HPC batch jobs, on the rust-vmm crates.
+//!
+//! The data path, one module each: [`config`] (what was asked) -> [`memory`] (guest RAM)
+//! -> [`vstate`] (KVM VM and vCPUs) -> [`boot`] (kernel and boot structures) ->
+//! [`legacy`] (devices) -> [`control`] (the control loop) -> [`exit_code`] (the status).
+//! [`builder::run`] strings them together.
+
+pub mod boot;
+pub mod builder;
+pub mod config;
+pub mod control;
+pub mod error;
+pub mod exit_code;
+pub mod host;
+pub mod legacy;
+pub mod memory;
+pub mod vstate;
+
+pub use builder::run;
+pub use error::Error;
+pub use vstate::GuestExit;

@@ -1,0 +1,176 @@
+//! Guest RAM: where it sits in guest-physical space and what host memory backs it.
+
+pub mod hugepages;
+pub mod layout;
+pub mod prefault;
+
+use std::io;
+
+use thiserror::Error;
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap};
+
+use crate::config::{memory::fmt_size, HugePageSize, MemoryConfig};
+pub use hugepages::HugePagePool;
+
+/// Errors building guest memory.
+#[derive(Debug, Error)]
+pub enum MemoryError {
+    /// Not enough free hugepages of the asked size.
+    #[error(
+        "Hugepage pool has {free} free {size} pages, guest needs {needed}: raise {knob} \
+         (e.g. echo {want} > {knob})"
+    )]
+    PoolTooSmall {
+        /// Page size name.
+        size: &'static str,
+        /// Free, unreserved pages.
+        free: u64,
+        /// Pages the guest needs.
+        needed: u64,
+        /// Where the pool size is set.
+        knob: String,
+        /// A pool size that would do.
+        want: u64,
+    },
+    /// The host kernel has no pool for that page size.
+    #[error("This host has no {0} hugepage support ({1} is missing)")]
+    NoPool(&'static str, String),
+    /// Reading the pool's counters failed.
+    #[error("Cannot read hugepage pool counters in {0}: {1}")]
+    PoolRead(String, io::Error),
+    /// More RAM than the host has.
+    #[error("Guest memory {guest} is more than this host's {host} of RAM")]
+    LargerThanHost {
+        /// Asked-for size.
+        guest: String,
+        /// MemTotal.
+        host: String,
+    },
+    /// mmap of guest RAM failed.
+    #[error("Cannot map {size} of guest RAM ({backing}): {source}")]
+    Map {
+        /// Region size.
+        size: String,
+        /// Backing description.
+        backing: &'static str,
+        /// The mmap error.
+        source: vm_memory::mmap::MmapRegionError,
+    },
+    /// vm-memory refused the layout (a bug: regions are computed, not user-given).
+    #[error("Guest memory layout rejected: {0}")]
+    Layout(String),
+    /// Populating guest RAM failed.
+    #[error("Prefaulting guest RAM failed (chunk at host address {addr:#x}): {source}")]
+    Prefault {
+        /// Host address of the chunk that failed.
+        addr: usize,
+        /// The madvise error.
+        source: io::Error,
+    },
+}
+
+/// Creates guest RAM as described by `cfg`, laid out by [`layout::ram_ranges`].
+///
+/// Hugetlb memory is mapped without `MAP_NORESERVE`, so the kernel reserves every page
+/// at mmap time: a pool that runs dry fails here, not with a SIGBUS inside the guest.
+pub fn create_guest_memory(cfg: &MemoryConfig) -> Result<GuestMemoryMmap, MemoryError> {
+    check_host_ram(cfg.size)?;
+    if cfg.hugepages.is_hugetlb() {
+        HugePagePool::read(cfg.hugepages)?.check_can_supply(cfg.size)?;
+    }
+    let mut regions = Vec::new();
+    for (start, size) in layout::ram_ranges(cfg.size) {
+        let region = map_region(size, cfg.hugepages)?;
+        regions.push(
+            GuestRegionMmap::new(region, start)
+                .ok_or_else(|| MemoryError::Layout(format!("region at {start:?} overflows")))?,
+        );
+    }
+    GuestMemoryMmap::from_regions(regions).map_err(|e| MemoryError::Layout(e.to_string()))
+}
+
+fn map_region(size: usize, pages: HugePageSize) -> Result<vm_memory::MmapRegion<()>, MemoryError> {
+    let mut flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS;
+    let backing = match pages {
+        HugePageSize::None => {
+            flags |= libc::MAP_NORESERVE;
+            "anonymous"
+        }
+        HugePageSize::Thp => {
+            flags |= libc::MAP_NORESERVE;
+            "anonymous, THP"
+        }
+        HugePageSize::Size2M => {
+            flags |= libc::MAP_HUGETLB | libc::MAP_HUGE_2MB;
+            "hugetlb 2M"
+        }
+        HugePageSize::Size1G => {
+            flags |= libc::MAP_HUGETLB | libc::MAP_HUGE_1GB;
+            "hugetlb 1G"
+        }
+    };
+    let region = MmapRegionBuilder::new(size)
+        .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+        .with_mmap_flags(flags)
+        .with_hugetlbfs(pages.is_hugetlb())
+        .build()
+        .map_err(|source| {
+            // ENOMEM from a hugetlb mmap means the reservation failed: someone took
+            // pages between our check and the mmap. Report the pool as it is now.
+            if pages.is_hugetlb() {
+                if let Ok(pool) = HugePagePool::read(pages) {
+                    if let Err(e) = pool.check_can_supply(size as u64) {
+                        return e;
+                    }
+                }
+            }
+            MemoryError::Map {
+                size: fmt_size(size as u64),
+                backing,
+                source,
+            }
+        })?;
+    if pages == HugePageSize::Thp {
+        // Not by default: a tiny guest's first touch would cost a whole 2 MiB page.
+        // SAFETY: the range is exactly the mapping just created and owned by `region`;
+        // MADV_HUGEPAGE only changes how the kernel backs it.
+        unsafe {
+            libc::madvise(region.as_ptr().cast(), size, libc::MADV_HUGEPAGE);
+        }
+    }
+    Ok(region)
+}
+
+/// Refuses guests larger than the host's RAM: anonymous guest memory is mapped with
+/// `MAP_NORESERVE`, so without this the guest would find out by being OOM-killed.
+fn check_host_ram(size: u64) -> Result<(), MemoryError> {
+    let Some(host) = meminfo_bytes("MemTotal") else {
+        return Ok(());
+    };
+    if size > host {
+        return Err(MemoryError::LargerThanHost {
+            guest: fmt_size(size),
+            host: format!("{} MiB", host >> 20),
+        });
+    }
+    Ok(())
+}
+
+/// A `/proc/meminfo` line's value in bytes.
+pub fn meminfo_bytes(key: &str) -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    text.lines().find_map(|l| {
+        let rest = l.strip_prefix(key)?.strip_prefix(':')?;
+        let kib: u64 = rest.trim().trim_end_matches("kB").trim().parse().ok()?;
+        Some(kib << 10)
+    })
+}
+
+/// Start and size of every RAM region, for the guest's memory map and KVM slots.
+pub fn regions(mem: &GuestMemoryMmap) -> Vec<(GuestAddress, u64, u64)> {
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    mem.iter()
+        .map(|r| (r.start_addr(), r.len(), r.as_ptr() as u64))
+        .collect()
+}

@@ -1,0 +1,10 @@
+//! KVM objects: the VM, its vCPUs, and what they are told about the CPU (CPUID, MSRs).
+
+pub mod cpuid;
+pub mod msr;
+pub mod topology;
+pub mod vcpu;
+pub mod vm;
+
+pub use vcpu::{GuestExit, VcpuHandle};
+pub use vm::{Vm, VmError};

@@ -1,0 +1,119 @@
+//! The KVM VM: in-kernel irqchip and PIT, guest RAM slots, and host capabilities.
+
+use kvm_bindings::{
+    kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES,
+    KVM_PIT_SPEAKER_DUMMY,
+};
+use kvm_ioctls::{Kvm, VmFd};
+use thiserror::Error;
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vmm_sys_util::errno;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::memory::layout::{KVM_IDENTITY_MAP_ADDR, KVM_TSS_ADDR};
+
+/// Errors setting up the VM.
+#[derive(Debug, Error)]
+pub enum VmError {
+    /// /dev/kvm could not be opened.
+    #[error("Cannot open /dev/kvm: {0} (is the kvm module loaded and are you in the kvm group?)")]
+    OpenKvm(errno::Error),
+    /// KVM's API version is not the stable one.
+    #[error("Unsupported KVM API version {0} (expected 12)")]
+    ApiVersion(i32),
+    /// More vCPUs than the host KVM allows.
+    #[error("{asked} vCPUs is more than this host's KVM allows ({max})")]
+    TooManyVcpus {
+        /// vCPUs asked for.
+        asked: u32,
+        /// KVM_CAP_MAX_VCPUS.
+        max: usize,
+    },
+    /// A KVM ioctl failed.
+    #[error("KVM {what} failed: {source}")]
+    Kvm {
+        /// Which operation.
+        what: &'static str,
+        /// The ioctl's error.
+        source: errno::Error,
+    },
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(errno::Error) -> VmError {
+    move |source| VmError::Kvm { what, source }
+}
+
+/// An open KVM VM and what the host KVM offers its vCPUs.
+pub struct Vm {
+    /// The /dev/kvm handle.
+    pub kvm: Kvm,
+    /// The VM file descriptor.
+    pub fd: VmFd,
+    /// KVM_GET_SUPPORTED_CPUID, the base of every vCPU's CPUID.
+    pub supported_cpuid: CpuId,
+    /// MSRs the host KVM saves and restores.
+    pub msr_index: Vec<u32>,
+}
+
+impl Vm {
+    /// Opens /dev/kvm and creates a VM with in-kernel LAPIC/IOAPIC/PIC and PIT.
+    pub fn new(vcpus: u32) -> Result<Self, VmError> {
+        let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+        let api = kvm.get_api_version();
+        if api != 12 {
+            return Err(VmError::ApiVersion(api));
+        }
+        let max = kvm.get_max_vcpus();
+        if vcpus as usize > max {
+            return Err(VmError::TooManyVcpus { asked: vcpus, max });
+        }
+        let supported_cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("GET_SUPPORTED_CPUID"))?;
+        let msr_index = kvm
+            .get_msr_index_list()
+            .map_err(kvm_err("GET_MSR_INDEX_LIST"))?
+            .as_slice()
+            .to_vec();
+        let fd = kvm.create_vm().map_err(kvm_err("CREATE_VM"))?;
+        fd.set_tss_address(KVM_TSS_ADDR as usize)
+            .map_err(kvm_err("SET_TSS_ADDR"))?;
+        fd.set_identity_map_address(KVM_IDENTITY_MAP_ADDR)
+            .map_err(kvm_err("SET_IDENTITY_MAP_ADDR"))?;
+        fd.create_irq_chip().map_err(kvm_err("CREATE_IRQCHIP"))?;
+        fd.create_pit2(kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        })
+        .map_err(kvm_err("CREATE_PIT2"))?;
+        Ok(Self {
+            kvm,
+            fd,
+            supported_cpuid,
+            msr_index,
+        })
+    }
+
+    /// Gives KVM every guest RAM region, one memory slot each.
+    pub fn register_memory(&self, mem: &GuestMemoryMmap) -> Result<(), VmError> {
+        for (slot, region) in mem.iter().enumerate() {
+            let r = kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags: 0,
+                guest_phys_addr: region.start_addr().0,
+                memory_size: region.len(),
+                userspace_addr: region.as_ptr() as u64,
+            };
+            // SAFETY: the host range is a live mapping owned by `mem`, which outlives
+            // the VM: the VMM drops vCPUs and the VM before guest memory.
+            unsafe { self.fd.set_user_memory_region(r) }
+                .map_err(kvm_err("SET_USER_MEMORY_REGION"))?;
+        }
+        Ok(())
+    }
+
+    /// Wires `evt` to guest interrupt line `gsi`: each write raises it in the kernel.
+    pub fn register_irqfd(&self, evt: &EventFd, gsi: u32) -> Result<(), VmError> {
+        self.fd.register_irqfd(evt, gsi).map_err(kvm_err("IRQFD"))
+    }
+}
