@@ -210,3 +210,49 @@ pub fn allowed_cpus() -> Vec<usize> {
 pub fn software_kvm() -> bool {
     std::path::Path::new("/sys/module/kvm_pvm").exists()
 }
+
+/// Sends `sig` to process `pid`.
+pub fn signal(pid: u32, sig: i32) {
+    // SAFETY: kill has no memory-safety preconditions.
+    let rc = unsafe { libc::kill(pid as i32, sig) };
+    assert_eq!(
+        rc,
+        0,
+        "kill({pid}, {sig}): {}",
+        std::io::Error::last_os_error()
+    );
+}
+
+/// Runs `hpcvm ctl --api-socket SOCKET ARGS...`.
+pub fn ctl(socket: &std::path::Path, args: &[&str]) -> Finished {
+    let mut all = vec!["ctl", "--api-socket", socket.to_str().unwrap()];
+    all.extend_from_slice(args);
+    run_hpcvm(&all, Duration::from_secs(30))
+}
+
+/// A unique socket path under the temp dir for one test.
+pub fn socket_path(test: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("hpcvm-{test}-{}.sock", std::process::id()))
+}
+
+impl RunningVm {
+    /// Waits for the VMM to exit; returns (exit code, stderr, time waited). Panics
+    /// past `timeout` (after killing it).
+    pub fn wait_exit(&mut self, timeout: Duration) -> (Option<i32>, String, Duration) {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait for hpcvm") {
+                let mut err = String::new();
+                if let Some(e) = self.child.stderr.as_mut() {
+                    let _ = e.read_to_string(&mut err);
+                }
+                return (status.code(), err, start.elapsed());
+            }
+            if start.elapsed() > timeout {
+                self.kill();
+                panic!("hpcvm did not exit within {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+}

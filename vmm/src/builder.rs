@@ -1,14 +1,18 @@
 //! Turns a [`VmConfig`] into a running guest and waits for it to end: the data path
 //! config -> memory -> vCPUs -> devices -> control loop -> exit, in one function.
 
+use std::cell::RefCell;
+use std::rc::Rc;
 use std::sync::Arc;
 
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::timerfd::TimerFd;
 
+use crate::api::ApiSocket;
 use crate::boot::{self, BootImage};
 use crate::config::{CpusConfig, VmConfig};
-use crate::control;
+use crate::control::{self, signals::StopSignals, Controller, LoopInputs, Outcome};
 use crate::host;
 use crate::legacy::LegacyDevices;
 use crate::memory;
@@ -17,14 +21,23 @@ use crate::vstate::vcpu::{install_kick_handler, stop_all, StartGate, Vcpu, VcpuS
 use crate::vstate::{cpuid, msr, GuestExit, Vm};
 use crate::Error;
 
-/// Builds the VM described by `config`, runs it until the guest stops, tears it down
-/// and returns how the guest ended.
-pub fn run(config: &VmConfig) -> Result<GuestExit, Error> {
+/// Builds the VM described by `config`, runs it until it ends, tears it down and
+/// returns how it ended. Every resource is released before this returns, whatever the
+/// path: vCPU threads joined, KVM objects closed, guest RAM (hugepages) unmapped, the
+/// API socket file removed.
+pub fn run(config: &VmConfig) -> Result<Outcome, Error> {
+    // Before any thread exists, so that SIGTERM/SIGINT only reach the control loop.
+    control::signals::block_stop_signals().map_err(io_err("blocking SIGTERM/SIGINT"))?;
+    let signals = StopSignals::new().map_err(io_err("the signalfd"))?;
+    let api = config
+        .control
+        .api_socket
+        .as_deref()
+        .map(ApiSocket::bind)
+        .transpose()?;
+
     let software_kvm = host::is_software_kvm();
-    let allowed = host::allowed_cpus().map_err(|source| Error::Io {
-        what: "reading this process's CPU affinity",
-        source,
-    })?;
+    let allowed = host::allowed_cpus().map_err(io_err("reading this process's CPU affinity"))?;
     check_affinity(&config.cpus, &allowed)?;
 
     let vm = Vm::new(config.cpus.count)?;
@@ -44,20 +57,16 @@ pub fn run(config: &VmConfig) -> Result<GuestExit, Error> {
     boot::mptable::write(&mem, &places)?;
 
     let legacy = LegacyDevices::new(&vm)?;
-    let vcpu_evt = EventFd::new(EFD_NONBLOCK).map_err(|source| Error::Io {
-        what: "the vCPU exit eventfd",
-        source,
-    })?;
-    let shared = Arc::new(VcpuShared::new(vcpu_evt.try_clone().map_err(|source| {
-        Error::Io {
-            what: "the vCPU exit eventfd",
-            source,
-        }
-    })?));
-    install_kick_handler().map_err(|source| Error::Io {
-        what: "the vCPU kick signal handler",
-        source,
-    })?;
+    let vcpu_evt = EventFd::new(EFD_NONBLOCK).map_err(io_err("the vCPU exit eventfd"))?;
+    let shared = Arc::new(VcpuShared::new(
+        vcpu_evt
+            .try_clone()
+            .map_err(io_err("the vCPU exit eventfd"))?,
+    ));
+    let grace_timer = TimerFd::new()
+        .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+        .map_err(io_err("the grace timer"))?;
+    install_kick_handler().map_err(io_err("the vCPU kick signal handler"))?;
 
     let vcpus = create_vcpus(
         &vm,
@@ -84,20 +93,42 @@ pub fn run(config: &VmConfig) -> Result<GuestExit, Error> {
             }
         }
     }
-
     gate.open_when_arrived(handles.len());
-    let result = control::run_until_exit(
+
+    let controller = Rc::new(RefCell::new(Controller::new(
         shared.clone(),
-        vcpu_evt,
-        legacy.reset_evt,
-        legacy.console.clone(),
+        handles,
+        places.iter().map(|p| p.apic_id).collect(),
+        legacy.i8042.clone(),
+        config.control.grace_period,
+        grace_timer,
+        config.memory,
+    )));
+    let result = control::run(
+        controller.clone(),
+        LoopInputs {
+            vcpu_evt,
+            reset_evt: legacy.reset_evt,
+            signals,
+            api: api.as_ref(),
+            console: legacy.console.clone(),
+        },
     );
+    let (outcome, handles) = match Rc::try_unwrap(controller) {
+        Ok(c) => c.into_inner().finish(),
+        Err(_) => unreachable!("the control loop's subscribers are gone"),
+    };
     stop_all(&shared, handles);
     let _ = legacy.console.lock().map(|mut c| c.flush());
     drop(vm);
     drop(mem);
+    drop(api);
     result?;
-    Ok(shared.exit().unwrap_or(GuestExit::Reset))
+    Ok(outcome.unwrap_or(Outcome::GuestExited(GuestExit::Reset)))
+}
+
+fn io_err(what: &'static str) -> impl FnOnce(std::io::Error) -> Error {
+    move |source| Error::Io { what, source }
 }
 
 /// The kernel command line: hpcvm's defaults, the user's items, and on a software-KVM

@@ -5,6 +5,7 @@ use std::io;
 
 use thiserror::Error;
 
+use crate::api::server::ApiError;
 use crate::boot::BootError;
 use crate::config::ConfigError;
 use crate::memory::MemoryError;
@@ -26,6 +27,9 @@ pub enum Error {
         /// The process's allowed CPUs, cpulist format.
         allowed: String,
     },
+    /// The API socket.
+    #[error(transparent)]
+    Api(#[from] ApiError),
     /// Guest memory.
     #[error(transparent)]
     Memory(#[from] MemoryError),

@@ -3,6 +3,7 @@
 //! Codes 128-159 are left alone: shells report "killed by signal N" as 128+N, and a
 //! wrapper must never mistake a VMM outcome for one.
 
+use crate::control::Outcome;
 use crate::vstate::GuestExit;
 use crate::Error;
 
@@ -25,6 +26,12 @@ pub const EMULATION_FAILURE: u8 = 164;
 pub const VCPU_FAILURE: u8 = 165;
 /// hpcvm itself failed (a bug, or the host ran out of threads or file descriptors).
 pub const INTERNAL: u8 = 166;
+/// The guest stopped after a shutdown request (API `shutdown`, SIGTERM, SIGINT).
+pub const SHUT_DOWN: u8 = 167;
+/// The guest ignored a shutdown request for the whole grace period and was destroyed.
+pub const DESTROYED_AFTER_GRACE: u8 = 168;
+/// Destroyed on request (API `destroy`, a second SIGTERM or SIGINT).
+pub const DESTROYED: u8 = 169;
 
 /// Every code with its meaning, as documented in README.md.
 pub const TABLE: &[(u8, &str)] = &[
@@ -41,6 +48,12 @@ pub const TABLE: &[(u8, &str)] = &[
     (EMULATION_FAILURE, "KVM emulation failure / internal error"),
     (VCPU_FAILURE, "vCPU entry failure or KVM_RUN error"),
     (INTERNAL, "hpcvm internal error"),
+    (SHUT_DOWN, "guest shut down on request"),
+    (
+        DESTROYED_AFTER_GRACE,
+        "guest ignored shutdown, destroyed after the grace period",
+    ),
+    (DESTROYED, "destroyed on request"),
 ];
 
 /// Exit status for how the guest ended.
@@ -53,13 +66,23 @@ pub fn for_exit(exit: &GuestExit) -> u8 {
     }
 }
 
+/// Exit status for how the VM ended.
+pub fn for_outcome(outcome: &Outcome) -> u8 {
+    match outcome {
+        Outcome::GuestExited(e) => for_exit(e),
+        Outcome::ShutDown(_) => SHUT_DOWN,
+        Outcome::DestroyedAfterGrace { .. } => DESTROYED_AFTER_GRACE,
+        Outcome::Destroyed { .. } => DESTROYED,
+    }
+}
+
 /// Exit status for an error that kept the guest from running.
 pub fn for_error(err: &Error) -> u8 {
     use crate::boot::BootError;
     use crate::memory::MemoryError;
     use crate::vstate::VmError;
     match err {
-        Error::Config(_) | Error::AffinityNotAllowed { .. } => CONFIG,
+        Error::Config(_) | Error::AffinityNotAllowed { .. } | Error::Api(_) => CONFIG,
         Error::Boot(BootError::Cmdline(_)) => CONFIG,
         Error::Boot(_) => IMAGE,
         Error::Memory(MemoryError::Layout(_)) => INTERNAL,
@@ -119,5 +142,10 @@ mod tests {
             for_exit(&GuestExit::EntryFailure { vcpu: 0, reason: 7 }),
             VCPU_FAILURE
         );
+        assert_eq!(for_outcome(&Outcome::ShutDown(GuestExit::Reset)), SHUT_DOWN);
+        assert_eq!(for_outcome(&Outcome::GuestExited(GuestExit::Poweroff)), 0);
+        let grace = std::time::Duration::from_secs(1);
+        assert_eq!(for_outcome(&Outcome::DestroyedAfterGrace { grace }), 168);
+        assert_eq!(for_outcome(&Outcome::Destroyed { by: "API".into() }), 169);
     }
 }

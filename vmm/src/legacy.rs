@@ -5,7 +5,7 @@ use std::io::{self, Write};
 use std::os::fd::AsFd;
 use std::sync::{Arc, Mutex};
 
-use devices::legacy::i8042::{I8042_BASE, I8042_PORTS};
+use devices::legacy::i8042::{I8042_BASE, I8042_PORTS, KBD_IRQ};
 use devices::legacy::serial::{COM1_BASE, COM1_IRQ, UART_PORTS};
 use devices::legacy::{SerialConsole, I8042};
 use devices::{EventFdTrigger, PioBus};
@@ -20,6 +20,8 @@ pub struct LegacyDevices {
     pub pio: Arc<PioBus>,
     /// COM1, for host input.
     pub console: Arc<Mutex<SerialConsole>>,
+    /// The i8042, for Ctrl-Alt-Del.
+    pub i8042: Arc<Mutex<I8042>>,
     /// Fired by the i8042 when the guest resets the machine.
     pub reset_evt: EventFd,
 }
@@ -35,13 +37,17 @@ impl LegacyDevices {
             Box::new(RawStdout::new().map_err(io_err("stdout for the console"))?),
         )));
         let reset_evt = EventFd::new(EFD_NONBLOCK).map_err(io_err("the reset eventfd"))?;
-        let i8042 = I8042::new(EventFdTrigger::new(
-            reset_evt.try_clone().map_err(io_err("the reset eventfd"))?,
-        ));
+        let kbd_irq =
+            EventFd::new(EFD_NONBLOCK).map_err(io_err("the keyboard interrupt eventfd"))?;
+        vm.register_irqfd(&kbd_irq, KBD_IRQ)?;
+        let i8042 = Arc::new(Mutex::new(I8042::new(
+            EventFdTrigger::new(reset_evt.try_clone().map_err(io_err("the reset eventfd"))?),
+            Some(EventFdTrigger::new(kbd_irq)),
+        )));
 
         let mut bus = PioBus::new();
         bus.insert(COM1_BASE, UART_PORTS, console.clone())
-            .and_then(|_| bus.insert(I8042_BASE, I8042_PORTS, Arc::new(Mutex::new(i8042))))
+            .and_then(|_| bus.insert(I8042_BASE, I8042_PORTS, i8042.clone()))
             .map_err(|e| Error::Io {
                 what: "the port-I/O bus",
                 source: io::Error::other(e),
@@ -49,6 +55,7 @@ impl LegacyDevices {
         Ok(Self {
             pio: Arc::new(bus),
             console,
+            i8042,
             reset_evt,
         })
     }

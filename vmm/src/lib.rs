@@ -2,9 +2,11 @@
 //!
 //! The data path, one module each: [`config`] (what was asked) -> [`memory`] (guest RAM)
 //! -> [`vstate`] (KVM VM and vCPUs) -> [`boot`] (kernel and boot structures) ->
-//! [`legacy`] (devices) -> [`control`] (the control loop) -> [`exit_code`] (the status).
+//! [`legacy`] (devices) -> [`control`] (the control loop; [`api`] is its socket) ->
+//! [`exit_code`] (the status).
 //! [`builder::run`] strings them together.
 
+pub mod api;
 pub mod boot;
 pub mod builder;
 pub mod config;
@@ -17,5 +19,6 @@ pub mod memory;
 pub mod vstate;
 
 pub use builder::run;
+pub use control::Outcome;
 pub use error::Error;
 pub use vstate::GuestExit;

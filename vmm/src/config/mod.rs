@@ -6,6 +6,7 @@ pub mod cpus;
 pub mod memory;
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 pub use cpus::{CpusConfig, Topology};
 pub use memory::{HugePageSize, MemoryConfig};
@@ -59,6 +60,28 @@ impl KernelConfig {
     }
 }
 
+/// How the VM is controlled from outside.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControlConfig {
+    /// Where to create the API socket, if anywhere.
+    pub api_socket: Option<PathBuf>,
+    /// How long a shutdown waits for the guest before destroying it.
+    pub grace_period: Duration,
+}
+
+impl Default for ControlConfig {
+    fn default() -> Self {
+        Self {
+            api_socket: None,
+            grace_period: DEFAULT_GRACE_PERIOD,
+        }
+    }
+}
+
+/// Default shutdown grace period: Slurm's default KillWait, so the VM is gone before
+/// Slurm's SIGKILL.
+pub const DEFAULT_GRACE_PERIOD: Duration = Duration::from_secs(25);
+
 /// Everything needed to build and run one VM.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmConfig {
@@ -68,4 +91,6 @@ pub struct VmConfig {
     pub cpus: CpusConfig,
     /// Guest RAM size and backing.
     pub memory: MemoryConfig,
+    /// API socket and shutdown grace period.
+    pub control: ControlConfig,
 }

@@ -112,6 +112,14 @@ pub struct VcpuShared {
     stop: AtomicBool,
     exit: Mutex<Option<GuestExit>>,
     exit_evt: EventFd,
+    pause: Mutex<PauseState>,
+    pause_cond: Condvar,
+}
+
+#[derive(Default)]
+struct PauseState {
+    requested: bool,
+    parked: usize,
 }
 
 impl VcpuShared {
@@ -121,7 +129,56 @@ impl VcpuShared {
             stop: AtomicBool::new(false),
             exit: Mutex::new(None),
             exit_evt,
+            pause: Mutex::new(PauseState::default()),
+            pause_cond: Condvar::new(),
         }
+    }
+
+    fn pause_state(&self) -> std::sync::MutexGuard<'_, PauseState> {
+        self.pause.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Asks every vCPU to park at its next exit (kick them to make that now).
+    pub fn request_pause(&self) {
+        self.pause_state().requested = true;
+    }
+
+    /// Waits up to `timeout` until `n` vCPUs are parked; true if they are.
+    pub fn wait_parked(&self, n: usize, timeout: Duration) -> bool {
+        let guard = self.pause_state();
+        let (guard, _) = self
+            .pause_cond
+            .wait_timeout_while(guard, timeout, |s| s.parked < n)
+            .unwrap_or_else(|p| p.into_inner());
+        guard.parked >= n
+    }
+
+    /// Lets parked vCPUs run again.
+    pub fn resume(&self) {
+        self.pause_state().requested = false;
+        self.pause_cond.notify_all();
+    }
+
+    /// Parks the calling vCPU while a pause is requested; false if it must stop instead.
+    fn park_if_paused(&self) -> bool {
+        let mut s = self.pause_state();
+        if !s.requested {
+            return true;
+        }
+        s.parked += 1;
+        self.pause_cond.notify_all();
+        while s.requested && !self.stop.load(Ordering::Acquire) {
+            s = self.pause_cond.wait(s).unwrap_or_else(|p| p.into_inner());
+        }
+        s.parked -= 1;
+        !self.stop.load(Ordering::Acquire)
+    }
+
+    /// Tells every vCPU to leave its loop (parked ones included).
+    fn request_stop(&self) {
+        self.stop.store(true, Ordering::Release);
+        let _guard = self.pause_state();
+        self.pause_cond.notify_all();
     }
 
     /// Records how the guest ended (the first report wins) and wakes the control loop.
@@ -293,7 +350,7 @@ impl Vcpu {
     fn run_loop(&mut self) -> Option<GuestExit> {
         let vcpu = self.index;
         loop {
-            if self.shared.stop.load(Ordering::Acquire) {
+            if self.shared.stop.load(Ordering::Acquire) || !self.shared.park_if_paused() {
                 return None;
             }
             match self.fd.run() {
@@ -401,6 +458,12 @@ impl Vcpu {
 }
 
 impl VcpuHandle {
+    /// Makes the vCPU leave KVM_RUN (or not enter it) and look at the shared state.
+    pub fn kick(&self) {
+        // ESRCH only if the thread is already gone.
+        let _ = self.thread.kill(kick_signal());
+    }
+
     /// True once the thread has returned.
     pub fn is_finished(&self) -> bool {
         self.thread.is_finished()
@@ -417,11 +480,10 @@ impl VcpuHandle {
 /// KVM_RUN (a kick that lands just before KVM_RUN is caught by `immediate_exit`; one
 /// that lands before the thread published its kvm_run is repeated).
 pub fn stop_all(shared: &VcpuShared, handles: Vec<VcpuHandle>) {
-    shared.stop.store(true, Ordering::Release);
+    shared.request_stop();
     for h in handles {
         while !h.is_finished() {
-            // ESRCH only if the thread is already gone.
-            let _ = h.thread.kill(kick_signal());
+            h.kick();
             std::thread::sleep(Duration::from_micros(200));
         }
         h.join();

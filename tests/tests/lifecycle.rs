@@ -1,0 +1,292 @@
+//! Real /dev/kvm: shutdown asks and then destroys after the grace period, destroy stops
+//! a busy guest at once and returns every hugepage, SIGTERM/SIGINT map onto them, and
+//! the API socket file never outlives the VMM.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use hpcvm_tests::guest;
+use hpcvm_tests::hugepages::{free_2m, Reservation};
+use hpcvm_tests::proc::{ctl, run_hpcvm, signal, socket_path, RunningVm, DEFAULT_TIMEOUT};
+
+const BOOT: Duration = Duration::from_secs(60);
+
+fn start(guest_name: &str, extra: &[&str]) -> RunningVm {
+    let kernel = guest(guest_name);
+    let mut args = vec!["run", "--kernel", kernel.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    RunningVm::start(&args)
+}
+
+fn spin(extra: &[&str]) -> RunningVm {
+    let mut vm = start("spin", extra);
+    vm.wait_for_line("spin: start", BOOT);
+    vm
+}
+
+#[test]
+fn ignored_shutdown_is_destroyed_when_the_grace_period_ends() {
+    let sock = socket_path("grace");
+    let mut vm = spin(&["--memory", "32M", "--api-socket", sock.to_str().unwrap()]);
+    let asked = Instant::now();
+    let r = ctl(&sock, &["shutdown", "--timeout", "1"]);
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    assert!(
+        r.stdout.contains(r#""state":"shutting-down""#),
+        "{}",
+        r.stdout
+    );
+    let (code, err, _) = vm.wait_exit(Duration::from_secs(30));
+    let took = asked.elapsed();
+    assert_eq!(code, Some(168), "{err}");
+    assert!(
+        err.contains("did not stop within the 1.000 s grace period"),
+        "{err}"
+    );
+    assert!(
+        took >= Duration::from_secs(1) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+    assert!(!sock.exists(), "socket file removed");
+}
+
+#[test]
+fn sigterm_asks_then_grace_destroys() {
+    let mut vm = spin(&["--memory", "32M", "--grace-period", "0.5"]);
+    let sent = Instant::now();
+    signal(vm.pid(), libc::SIGTERM);
+    let (code, err, _) = vm.wait_exit(Duration::from_secs(30));
+    let took = sent.elapsed();
+    assert_eq!(code, Some(168), "{err}");
+    assert!(
+        took >= Duration::from_millis(500) && took < Duration::from_millis(2500),
+        "{took:?}"
+    );
+}
+
+#[test]
+fn second_sigterm_destroys_at_once() {
+    let mut vm = spin(&["--cpus", "2", "--memory", "32M", "--grace-period", "60"]);
+    signal(vm.pid(), libc::SIGTERM);
+    std::thread::sleep(Duration::from_millis(100));
+    let sent = Instant::now();
+    signal(vm.pid(), libc::SIGTERM);
+    let (code, err, _) = vm.wait_exit(Duration::from_secs(30));
+    assert_eq!(code, Some(169), "{err}");
+    assert!(
+        err.contains("Destroyed on request (second SIGTERM)"),
+        "{err}"
+    );
+    assert!(
+        sent.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        sent.elapsed()
+    );
+}
+
+#[test]
+fn sigint_behaves_like_sigterm_and_sigcont_is_harmless() {
+    let sock = socket_path("sigint");
+    let mut vm = spin(&["--memory", "32M", "--api-socket", sock.to_str().unwrap()]);
+    signal(vm.pid(), libc::SIGCONT);
+    let r = ctl(&sock, &["status"]);
+    assert!(
+        r.stdout.contains(r#""state":"running""#),
+        "SIGCONT changed nothing: {}",
+        r.stdout
+    );
+    signal(vm.pid(), libc::SIGINT);
+    let r = ctl(&sock, &["status"]);
+    assert!(
+        r.stdout.contains(r#""state":"shutting-down""#),
+        "{}",
+        r.stdout
+    );
+    signal(vm.pid(), libc::SIGINT);
+    let (code, err, _) = vm.wait_exit(Duration::from_secs(30));
+    assert_eq!(code, Some(169), "{err}");
+    assert!(err.contains("second SIGINT"), "{err}");
+    assert!(!sock.exists());
+}
+
+#[test]
+fn destroy_stops_a_busy_two_vcpu_hugepage_guest_and_frees_everything() {
+    let pool = Reservation::take(512);
+    let before = free_2m();
+    let sock = socket_path("destroy");
+    let mut vm = spin(&[
+        "--cpus",
+        "2",
+        "--memory",
+        "1G,hugepages=2M,prefault=on",
+        "--api-socket",
+        sock.to_str().unwrap(),
+    ]);
+    assert_eq!(before - free_2m(), 512, "1 GiB of 2M pages in use");
+    let pid = vm.pid();
+    let asked = Instant::now();
+    let r = ctl(&sock, &["destroy"]);
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    let (code, err, _) = vm.wait_exit(Duration::from_secs(30));
+    let took = asked.elapsed();
+    let after = free_2m();
+    drop(pool);
+    assert_eq!(code, Some(169), "{err}");
+    assert!(err.contains("Destroyed on request (API)"), "{err}");
+    assert!(took < Duration::from_secs(3), "destroy took {took:?}");
+    assert!(!Path::new(&format!("/proc/{pid}")).exists(), "process gone");
+    assert_eq!(after, before, "every hugepage back in the pool");
+    assert!(!sock.exists(), "socket file removed");
+}
+
+#[test]
+fn destroy_works_while_paused() {
+    let sock = socket_path("pdestroy");
+    let mut vm = spin(&[
+        "--cpus",
+        "2",
+        "--memory",
+        "32M",
+        "--api-socket",
+        sock.to_str().unwrap(),
+    ]);
+    let r = ctl(&sock, &["pause"]);
+    assert!(r.stdout.contains(r#""state":"paused""#), "{}", r.stdout);
+    let r = ctl(&sock, &["status"]);
+    assert!(r.stdout.contains(r#""state":"paused""#), "{}", r.stdout);
+    ctl(&sock, &["destroy"]);
+    let (code, err, _) = vm.wait_exit(Duration::from_secs(30));
+    assert_eq!(code, Some(169), "{err}");
+}
+
+#[test]
+fn status_reports_vcpus_pinning_threads_and_memory() {
+    let sock = socket_path("status");
+    let cpus = hpcvm_tests::proc::allowed_cpus();
+    let host = cpus[cpus.len() - 1];
+    let mut vm = spin(&[
+        "--cpus",
+        &format!("1,affinity={host}"),
+        "--memory",
+        "48M",
+        "--api-socket",
+        sock.to_str().unwrap(),
+    ]);
+    let r = ctl(&sock, &["status"]);
+    let pid = vm.pid();
+    vm.kill();
+    assert_eq!(r.code, Some(0));
+    for needle in [
+        format!(r#""pid":{pid}"#),
+        format!(r#""host_cpu":{host}"#),
+        r#""size":50331648"#.to_string(),
+        r#""backing":"none""#.to_string(),
+        r#""apic_id":0"#.to_string(),
+    ] {
+        assert!(
+            r.stdout.contains(&needle),
+            "{needle} missing from {}",
+            r.stdout
+        );
+    }
+    assert!(
+        !r.stdout.contains(r#""tid":0"#),
+        "thread id known: {}",
+        r.stdout
+    );
+}
+
+#[test]
+fn socket_is_private_and_removed_on_normal_and_error_exits() {
+    let sock = socket_path("perm");
+    let mut vm = spin(&["--memory", "32M", "--api-socket", sock.to_str().unwrap()]);
+    let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
+    vm.kill();
+    assert_eq!(mode, 0o600);
+    // SIGKILL leaves the file; the next run replaces it because nobody listens.
+    assert!(sock.exists());
+    let hello = guest("hello");
+    let r = run_hpcvm(
+        &[
+            "run",
+            "--kernel",
+            hello.to_str().unwrap(),
+            "--memory",
+            "16M",
+            "--api-socket",
+            sock.to_str().unwrap(),
+        ],
+        DEFAULT_TIMEOUT,
+    );
+    assert_eq!(r.code, Some(0), "stale socket replaced: {}", r.stderr);
+    assert!(!sock.exists(), "removed after a normal exit");
+    let r = run_hpcvm(
+        &[
+            "run",
+            "--kernel",
+            "/nonexistent",
+            "--api-socket",
+            sock.to_str().unwrap(),
+        ],
+        DEFAULT_TIMEOUT,
+    );
+    assert_eq!(r.code, Some(161), "{}", r.stderr);
+    assert!(!sock.exists(), "removed after an error exit");
+}
+
+#[test]
+fn a_live_socket_is_never_taken_over() {
+    let sock = socket_path("live");
+    let mut vm = spin(&["--memory", "32M", "--api-socket", sock.to_str().unwrap()]);
+    let hello = guest("hello");
+    let r = run_hpcvm(
+        &[
+            "run",
+            "--kernel",
+            hello.to_str().unwrap(),
+            "--memory",
+            "16M",
+            "--api-socket",
+            sock.to_str().unwrap(),
+        ],
+        DEFAULT_TIMEOUT,
+    );
+    let still = ctl(&sock, &["status"]);
+    vm.kill();
+    let _ = std::fs::remove_file(&sock);
+    assert_eq!(r.code, Some(160), "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("Another process is listening on the API socket"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(still.code, Some(0), "the first VMM keeps its socket");
+}
+
+#[test]
+fn a_non_socket_file_is_never_replaced() {
+    let path = socket_path("regular");
+    std::fs::write(&path, b"precious").unwrap();
+    let hello = guest("hello");
+    let r = run_hpcvm(
+        &[
+            "run",
+            "--kernel",
+            hello.to_str().unwrap(),
+            "--api-socket",
+            path.to_str().unwrap(),
+        ],
+        DEFAULT_TIMEOUT,
+    );
+    let kept = std::fs::read(&path).unwrap();
+    std::fs::remove_file(&path).unwrap();
+    assert_eq!(r.code, Some(160), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("exists and is not a socket"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(kept, b"precious");
+}

@@ -1,0 +1,251 @@
+//! Requests and responses of the control socket, parsed and formatted without I/O so
+//! they can be tested (and fuzzed) on their own.
+//!
+//! ```text
+//! {"id":1,"cmd":"status"}               -> {"id":1,"ok":true,"state":"running",...}
+//! {"id":2,"cmd":"shutdown","timeout_s":10}
+//! {"cmd":"destroy"} / {"cmd":"pause"} / {"cmd":"resume"}
+//! anything else                         -> {"id":..,"ok":false,"error":"..."}
+//! ```
+
+use serde_json::{json, Map, Value};
+
+/// Longest request line accepted, newline excluded.
+pub const MAX_LINE: usize = 64 * 1024;
+/// Longest shutdown grace period a request may ask for (a day).
+pub const MAX_TIMEOUT_S: f64 = 86_400.0;
+
+/// What a client asked for.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Command {
+    /// Report the VM's state.
+    Status,
+    /// Ask the guest to stop; destroy it after `timeout_s` (or the default grace).
+    Shutdown {
+        /// Grace period in seconds, if given.
+        timeout_s: Option<f64>,
+    },
+    /// Stop the VM now.
+    Destroy,
+    /// Stop running vCPUs until resumed.
+    Pause,
+    /// Run paused vCPUs again.
+    Resume,
+}
+
+/// A parsed request: the client's id (echoed back) and the command.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Request {
+    /// Any JSON value the client chose; `null` when absent.
+    pub id: Value,
+    /// The command.
+    pub command: Command,
+}
+
+/// A request that could not be understood; `id` is echoed when it could be read.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BadRequest {
+    /// The client's id, if the line was a JSON object with one.
+    pub id: Value,
+    /// What is wrong.
+    pub error: String,
+}
+
+/// Parses one request line (without its newline).
+pub fn parse_request(line: &[u8]) -> Result<Request, BadRequest> {
+    let bad = |id: &Value, error: String| BadRequest {
+        id: id.clone(),
+        error,
+    };
+    let value: Value = serde_json::from_slice(line).map_err(|e| BadRequest {
+        id: Value::Null,
+        error: format!("invalid JSON: {e}"),
+    })?;
+    let Value::Object(obj) = value else {
+        return Err(bad(&Value::Null, "a request must be a JSON object".into()));
+    };
+    let id = obj.get("id").cloned().unwrap_or(Value::Null);
+    let cmd = match obj.get("cmd") {
+        Some(Value::String(s)) => s.as_str(),
+        Some(other) => return Err(bad(&id, format!("\"cmd\" must be a string, not {other}"))),
+        None => return Err(bad(&id, "missing \"cmd\"".into())),
+    };
+    let command = match cmd {
+        "status" => Command::Status,
+        "destroy" => Command::Destroy,
+        "pause" => Command::Pause,
+        "resume" => Command::Resume,
+        "shutdown" => Command::Shutdown {
+            timeout_s: parse_timeout(&obj).map_err(|e| bad(&id, e))?,
+        },
+        other => {
+            return Err(bad(
+                &id,
+                format!(
+                    "unknown command {:?} (expected status, shutdown, destroy, pause, resume)",
+                    truncate(other, 64)
+                ),
+            ))
+        }
+    };
+    if let Some(k) = obj
+        .keys()
+        .find(|k| !matches!(k.as_str(), "id" | "cmd" | "timeout_s"))
+    {
+        return Err(bad(&id, format!("unknown field {:?}", truncate(k, 64))));
+    }
+    Ok(Request { id, command })
+}
+
+fn parse_timeout(obj: &Map<String, Value>) -> Result<Option<f64>, String> {
+    match obj.get("timeout_s") {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => match n.as_f64() {
+            Some(t) if (0.0..=MAX_TIMEOUT_S).contains(&t) => Ok(Some(t)),
+            _ => Err(format!(
+                "\"timeout_s\" must be from 0 to {MAX_TIMEOUT_S} seconds, not {n}"
+            )),
+        },
+        Some(other) => Err(format!("\"timeout_s\" must be a number, not {other}")),
+    }
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    match s.char_indices().nth(max) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
+}
+
+/// A success response: `fields` (an object) plus `id` and `"ok": true`, as one line.
+pub fn ok_line(id: &Value, fields: Value) -> Vec<u8> {
+    let mut obj = Map::new();
+    obj.insert("id".into(), id.clone());
+    obj.insert("ok".into(), Value::Bool(true));
+    if let Value::Object(f) = fields {
+        obj.extend(f);
+    }
+    line(Value::Object(obj))
+}
+
+/// An error response line.
+pub fn error_line(id: &Value, error: &str) -> Vec<u8> {
+    line(json!({"id": id, "ok": false, "error": error}))
+}
+
+fn line(v: Value) -> Vec<u8> {
+    let mut out = serde_json::to_vec(&v).unwrap_or_else(|_| b"{\"ok\":false}".to_vec());
+    out.push(b'\n');
+    out
+}
+
+/// A request line as `hpcvm ctl` sends it.
+pub fn request_line(id: u64, command: &Command) -> Vec<u8> {
+    let mut v = match command {
+        Command::Status => json!({"cmd": "status"}),
+        Command::Destroy => json!({"cmd": "destroy"}),
+        Command::Pause => json!({"cmd": "pause"}),
+        Command::Resume => json!({"cmd": "resume"}),
+        Command::Shutdown { timeout_s } => json!({"cmd": "shutdown", "timeout_s": timeout_s}),
+    };
+    v["id"] = json!(id);
+    line(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn err(s: &str) -> String {
+        parse_request(s.as_bytes()).unwrap_err().error
+    }
+
+    #[test]
+    fn parses_every_command_and_echoes_any_id() {
+        let r = parse_request(br#"{"id":"job-7","cmd":"status"}"#).unwrap();
+        assert_eq!((r.id, r.command), (json!("job-7"), Command::Status));
+        let r = parse_request(br#"{"cmd":"shutdown","timeout_s":2.5,"id":[1]}"#).unwrap();
+        assert_eq!(
+            r.command,
+            Command::Shutdown {
+                timeout_s: Some(2.5)
+            }
+        );
+        assert_eq!(r.id, json!([1]));
+        for (cmd, want) in [
+            ("destroy", Command::Destroy),
+            ("pause", Command::Pause),
+            ("resume", Command::Resume),
+            ("shutdown", Command::Shutdown { timeout_s: None }),
+        ] {
+            let r = parse_request(format!(r#"{{"cmd":"{cmd}"}}"#).as_bytes()).unwrap();
+            assert_eq!((r.id, r.command), (Value::Null, want));
+        }
+    }
+
+    #[test]
+    fn bad_requests_say_what_is_wrong() {
+        assert!(err("{").starts_with("invalid JSON: "));
+        assert_eq!(err("[1,2]"), "a request must be a JSON object");
+        assert_eq!(err(r#"{"id":1}"#), "missing \"cmd\"");
+        assert_eq!(err(r#"{"cmd":5}"#), "\"cmd\" must be a string, not 5");
+        assert_eq!(
+            err(r#"{"cmd":"reboot"}"#),
+            "unknown command \"reboot\" (expected status, shutdown, destroy, pause, resume)"
+        );
+        assert_eq!(
+            err(r#"{"cmd":"status","force":true}"#),
+            "unknown field \"force\""
+        );
+        assert!(err(r#"{"cmd":"shutdown","timeout_s":-1}"#).contains("from 0 to 86400"));
+        assert!(err(r#"{"cmd":"shutdown","timeout_s":"10"}"#).contains("must be a number"));
+        let bad = parse_request(br#"{"id":9,"cmd":"nope"}"#).unwrap_err();
+        assert_eq!(bad.id, json!(9), "id echoed on errors when readable");
+    }
+
+    #[test]
+    fn responses_are_single_lines_with_id_and_ok() {
+        let l = ok_line(&json!(3), json!({"state": "running"}));
+        assert_eq!(l, b"{\"id\":3,\"ok\":true,\"state\":\"running\"}\n");
+        let l = error_line(&Value::Null, "bad \"thing\"\nhere");
+        assert_eq!(l.iter().filter(|&&b| b == b'\n').count(), 1);
+        let back: Value = serde_json::from_slice(&l).unwrap();
+        assert_eq!(back["error"], "bad \"thing\"\nhere");
+    }
+
+    #[test]
+    fn client_requests_parse_back() {
+        for c in [
+            Command::Status,
+            Command::Destroy,
+            Command::Pause,
+            Command::Resume,
+            Command::Shutdown {
+                timeout_s: Some(3.0),
+            },
+            Command::Shutdown { timeout_s: None },
+        ] {
+            let l = request_line(7, &c);
+            let r = parse_request(&l[..l.len() - 1]).unwrap();
+            assert_eq!((r.id, r.command), (json!(7), c));
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = parse_request(&bytes);
+        }
+
+        #[test]
+        fn arbitrary_json_objects_never_panic(
+            cmd in "[a-z]{0,10}",
+            key in "[a-z_]{0,10}",
+            n in any::<f64>(),
+        ) {
+            let line = format!(r#"{{"cmd":"{cmd}","{key}":{}}}"#, if n.is_finite() { n.to_string() } else { "null".into() });
+            let _ = parse_request(line.as_bytes());
+        }
+    }
+}

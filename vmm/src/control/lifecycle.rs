@@ -1,0 +1,289 @@
+//! The VM's lifecycle as the queueing system sees it, in one state machine:
+//!
+//! | state          | shutdown                        | destroy   | guest stops        | grace expires        |
+//! |----------------|---------------------------------|-----------|--------------------|----------------------|
+//! | running        | notify guest, arm grace -> shutting-down | -> destroyed | -> exited | -                    |
+//! | paused         | resume, then as running         | -> destroyed | (cannot happen) | -                    |
+//! | shutting-down  | notify again, keep deadline     | -> destroyed | -> shut down     | -> destroyed after grace |
+//!
+//! "Notify the guest" is Ctrl-Alt-Del on the i8042 for now (a guest agent message where
+//! one runs, once there is one). SIGTERM/SIGINT mean shutdown; the second one, destroy.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use devices::legacy::I8042;
+use serde_json::{json, Value};
+use vmm_sys_util::timerfd::TimerFd;
+
+use crate::api::server::Handler;
+use crate::api::Command;
+use crate::config::MemoryConfig;
+use crate::vstate::vcpu::{VcpuHandle, VcpuShared};
+use crate::vstate::GuestExit;
+
+/// How long `pause` waits for every vCPU to leave the guest.
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How the VM ended, as reported in hpcvm's exit status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The guest stopped by itself.
+    GuestExited(GuestExit),
+    /// The guest stopped after being asked to shut down.
+    ShutDown(GuestExit),
+    /// The guest ignored a shutdown request for the whole grace period.
+    DestroyedAfterGrace {
+        /// The grace period.
+        grace: Duration,
+    },
+    /// Stopped at once on request.
+    Destroyed {
+        /// Who asked (`"API"`, `"second SIGTERM"`, ...).
+        by: String,
+    },
+}
+
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Outcome::GuestExited(e) => write!(f, "{e}"),
+            Outcome::ShutDown(e) => write!(f, "Guest shut down on request ({e})"),
+            Outcome::DestroyedAfterGrace { grace } => write!(
+                f,
+                "Guest did not stop within the {:.3} s grace period; destroyed",
+                grace.as_secs_f64()
+            ),
+            Outcome::Destroyed { by } => write!(f, "Destroyed on request ({by})"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum State {
+    Running,
+    Paused,
+    ShuttingDown { since: Instant, deadline: Instant },
+}
+
+/// Drives the VM's lifecycle; the control loop's subscribers call into it.
+pub struct Controller {
+    shared: Arc<VcpuShared>,
+    vcpus: Vec<VcpuHandle>,
+    apic_ids: Vec<u32>,
+    i8042: Arc<Mutex<I8042>>,
+    default_grace: Duration,
+    grace_timer: TimerFd,
+    state: State,
+    outcome: Option<Outcome>,
+    started: Instant,
+    memory: MemoryConfig,
+}
+
+impl Controller {
+    /// A controller for running vCPUs `vcpus`.
+    pub fn new(
+        shared: Arc<VcpuShared>,
+        vcpus: Vec<VcpuHandle>,
+        apic_ids: Vec<u32>,
+        i8042: Arc<Mutex<I8042>>,
+        default_grace: Duration,
+        grace_timer: TimerFd,
+        memory: MemoryConfig,
+    ) -> Self {
+        Self {
+            shared,
+            vcpus,
+            apic_ids,
+            i8042,
+            default_grace,
+            grace_timer,
+            state: State::Running,
+            outcome: None,
+            started: Instant::now(),
+            memory,
+        }
+    }
+
+    /// The grace timer's fd, for the control loop to watch.
+    pub fn grace_timer(&self) -> &TimerFd {
+        &self.grace_timer
+    }
+
+    /// True once the VM has ended one way or another.
+    pub fn is_done(&self) -> bool {
+        self.outcome.is_some()
+    }
+
+    /// How it ended, and the vCPU threads to stop and join.
+    pub fn finish(self) -> (Option<Outcome>, Vec<VcpuHandle>) {
+        self.shared.resume();
+        (self.outcome, self.vcpus)
+    }
+
+    fn state_name(&self) -> &'static str {
+        match (self.outcome.is_some(), self.state) {
+            (true, _) => "stopping",
+            (_, State::Running) => "running",
+            (_, State::Paused) => "paused",
+            (_, State::ShuttingDown { .. }) => "shutting-down",
+        }
+    }
+
+    /// Asks the guest to stop, destroying it after `grace` (default: `--grace-period`).
+    pub fn shutdown(&mut self, grace: Option<Duration>) -> Result<Value, String> {
+        if self.is_done() {
+            return Err("the VM is already stopping".into());
+        }
+        if self.state == State::Paused {
+            // A paused guest cannot honour the request.
+            self.resume()?;
+        }
+        self.i8042
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .ctrl_alt_del();
+        let now = Instant::now();
+        let asked = now + grace.unwrap_or(self.default_grace);
+        let (since, deadline) = match self.state {
+            State::ShuttingDown { since, deadline } => (since, deadline.min(asked)),
+            _ => (now, asked),
+        };
+        self.state = State::ShuttingDown { since, deadline };
+        let left = deadline.saturating_duration_since(now);
+        if left.is_zero() {
+            self.grace_expired();
+        } else if let Err(e) = self.grace_timer.reset(left, None) {
+            // Without a timer nothing would enforce the grace period: destroy now.
+            self.destroy(&format!("grace timer failed: {e}"));
+        }
+        Ok(json!({"state": self.state_name(), "grace_left_s": left.as_secs_f64()}))
+    }
+
+    /// True while a shutdown is under way.
+    pub fn shutting_down(&self) -> bool {
+        matches!(self.state, State::ShuttingDown { .. })
+    }
+
+    /// Stops the VM now.
+    pub fn destroy(&mut self, by: &str) {
+        if self.outcome.is_none() {
+            self.outcome = Some(Outcome::Destroyed { by: by.to_string() });
+        }
+    }
+
+    /// The grace period ran out.
+    pub fn grace_expired(&mut self) {
+        let _ = self.grace_timer.wait();
+        if let (State::ShuttingDown { since, deadline }, None) = (self.state, &self.outcome) {
+            self.outcome = Some(Outcome::DestroyedAfterGrace {
+                grace: deadline - since,
+            });
+        }
+    }
+
+    /// The guest reset the machine through the i8042.
+    pub fn guest_reset(&mut self) {
+        self.shared.record(GuestExit::Reset);
+        self.guest_stopped();
+    }
+
+    /// A vCPU recorded that the guest stopped (reset, poweroff, crash, error).
+    pub fn guest_stopped(&mut self) {
+        if self.outcome.is_some() {
+            return;
+        }
+        let exit = self.shared.exit().unwrap_or(GuestExit::Reset);
+        let clean = matches!(
+            exit,
+            GuestExit::Reset | GuestExit::Poweroff | GuestExit::Halted
+        );
+        self.outcome = Some(if self.shutting_down() && clean {
+            Outcome::ShutDown(exit)
+        } else {
+            Outcome::GuestExited(exit)
+        });
+    }
+
+    /// Parks every vCPU outside the guest.
+    pub fn pause(&mut self) -> Result<Value, String> {
+        match self.state {
+            State::Paused => return Ok(json!({"state": "paused"})),
+            State::ShuttingDown { .. } => return Err("cannot pause during a shutdown".into()),
+            State::Running => {}
+        }
+        self.shared.request_pause();
+        for v in &self.vcpus {
+            v.kick();
+        }
+        if !self.shared.wait_parked(self.vcpus.len(), PAUSE_TIMEOUT) {
+            self.shared.resume();
+            return Err(format!(
+                "vCPUs did not leave the guest within {} s; still running",
+                PAUSE_TIMEOUT.as_secs()
+            ));
+        }
+        self.state = State::Paused;
+        Ok(json!({"state": "paused"}))
+    }
+
+    /// Lets paused vCPUs run again.
+    pub fn resume(&mut self) -> Result<Value, String> {
+        if self.state == State::Paused {
+            self.shared.resume();
+            self.state = State::Running;
+        }
+        Ok(json!({"state": self.state_name()}))
+    }
+
+    /// What `status` reports.
+    pub fn status(&self) -> Value {
+        let vcpus: Vec<Value> = self
+            .vcpus
+            .iter()
+            .zip(&self.apic_ids)
+            .map(|(v, apic)| {
+                json!({
+                    "index": v.index,
+                    "apic_id": apic,
+                    "host_cpu": v.host_cpu,
+                    "tid": v.tid.load(std::sync::atomic::Ordering::Acquire),
+                })
+            })
+            .collect();
+        let mut v = json!({
+            "state": self.state_name(),
+            "uptime_s": self.started.elapsed().as_secs_f64(),
+            "pid": std::process::id(),
+            "vcpus": vcpus,
+            "memory": {
+                "size": self.memory.size,
+                "backing": self.memory.hugepages.name(),
+                "prefault": self.memory.prefault,
+            },
+        });
+        if let State::ShuttingDown { deadline, .. } = self.state {
+            v["grace_left_s"] = json!(deadline
+                .saturating_duration_since(Instant::now())
+                .as_secs_f64());
+        }
+        v
+    }
+}
+
+impl Handler for Controller {
+    fn handle(&mut self, command: &Command) -> Result<Value, String> {
+        match command {
+            Command::Status => Ok(self.status()),
+            Command::Shutdown { timeout_s } => {
+                self.shutdown(timeout_s.map(Duration::from_secs_f64))
+            }
+            Command::Destroy => {
+                self.destroy("API");
+                Ok(json!({"state": "stopping"}))
+            }
+            Command::Pause => self.pause(),
+            Command::Resume => self.resume(),
+        }
+    }
+}

@@ -1,0 +1,118 @@
+//! The VMM's control loop on event-manager: the guest stopping, stop signals, the
+//! grace timer, the API socket and terminal input are its events; [`Controller`]
+//! decides what each means.
+
+pub mod console;
+pub mod lifecycle;
+pub mod signals;
+
+use std::cell::RefCell;
+use std::os::fd::AsRawFd;
+use std::rc::Rc;
+use std::sync::{Arc, Mutex};
+
+use devices::legacy::SerialConsole;
+use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::api::server::Handler;
+use crate::api::ApiSocket;
+use crate::Error;
+pub use lifecycle::{Controller, Outcome};
+use signals::StopSignals;
+
+/// Everything the loop listens to besides the controller itself.
+pub struct LoopInputs<'a> {
+    /// Signalled by a vCPU that recorded a guest exit.
+    pub vcpu_evt: EventFd,
+    /// Signalled by the i8042 reset line.
+    pub reset_evt: EventFd,
+    /// SIGTERM/SIGINT.
+    pub signals: StopSignals,
+    /// The API socket, if one was asked for.
+    pub api: Option<&'a ApiSocket>,
+    /// COM1, for terminal input.
+    pub console: Arc<Mutex<SerialConsole>>,
+}
+
+/// Wakes the controller for guest exits, resets, stop signals and the grace timer.
+struct LifecycleEvents {
+    ctl: Rc<RefCell<Controller>>,
+    vcpu_evt: EventFd,
+    reset_evt: EventFd,
+    signals: StopSignals,
+}
+
+impl MutEventSubscriber for LifecycleEvents {
+    fn init(&mut self, ops: &mut EventOps) {
+        let timer = self.ctl.borrow().grace_timer().as_raw_fd();
+        for fd in [
+            self.vcpu_evt.as_raw_fd(),
+            self.reset_evt.as_raw_fd(),
+            self.signals.as_raw_fd(),
+            timer,
+        ] {
+            // Failing to watch one of these leaves the VM without that way out;
+            // epoll_ctl only fails on resource exhaustion at this point.
+            let _ = ops.add(Events::new_raw(fd, EventSet::IN));
+        }
+    }
+
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        let fd = events.fd();
+        let mut ctl = self.ctl.borrow_mut();
+        if fd == self.reset_evt.as_raw_fd() {
+            let _ = self.reset_evt.read();
+            ctl.guest_reset();
+        } else if fd == self.vcpu_evt.as_raw_fd() {
+            let _ = self.vcpu_evt.read();
+            ctl.guest_stopped();
+        } else if fd == self.signals.as_raw_fd() {
+            while let Some(sig) = self.signals.next() {
+                if ctl.shutting_down() {
+                    ctl.destroy(&format!("second {}", signals::name(sig)));
+                } else if let Err(e) = ctl.shutdown(None) {
+                    eprintln!("hpcvm: {}: {e}", signals::name(sig));
+                }
+            }
+        } else if fd == ctl.grace_timer().as_raw_fd() {
+            ctl.grace_expired();
+        }
+    }
+}
+
+/// Runs the control loop until the VM has ended.
+pub fn run(ctl: Rc<RefCell<Controller>>, inputs: LoopInputs<'_>) -> Result<(), Error> {
+    let em_err = |e: event_manager::Error| Error::Io {
+        what: "the control loop",
+        source: std::io::Error::other(e.to_string()),
+    };
+    let mut em: EventManager<Box<dyn MutEventSubscriber>> = EventManager::new().map_err(em_err)?;
+    em.add_subscriber(Box::new(LifecycleEvents {
+        ctl: ctl.clone(),
+        vcpu_evt: inputs.vcpu_evt,
+        reset_evt: inputs.reset_evt,
+        signals: inputs.signals,
+    }));
+    if let Some(api) = inputs.api {
+        let handler: Rc<RefCell<dyn Handler>> = ctl.clone();
+        let server = api.server(handler).map_err(|source| Error::Io {
+            what: "the API socket",
+            source,
+        })?;
+        em.add_subscriber(Box::new(server));
+    }
+    let raw_terminal = console::RawTerminal::enter();
+    if raw_terminal.is_some() {
+        em.add_subscriber(Box::new(console::ConsoleInput::new(inputs.console)));
+    }
+    while !ctl.borrow().is_done() {
+        match em.run() {
+            Ok(_) => {}
+            Err(event_manager::Error::Epoll(e)) if e.errno() == libc::EINTR => {}
+            Err(e) => return Err(em_err(e)),
+        }
+    }
+    Ok(())
+}
