@@ -1,12 +1,15 @@
 /*
  * bootinfo.S: prints what the guest was handed at boot, then leaves.
  *
- * Built twice:
+ * Built three times:
  *   bootinfo.elf        PVH note -> entered at pvh_entry (32-bit, EBX =
  *                       struct hvm_start_info);
  *   bootinfo-linux.elf  -DBOOT_LINUX, no PVH note -> entered at the ELF
  *                       entry _start with the Linux 64-bit boot protocol
- *                       (long mode, RSI = struct boot_params).
+ *                       (long mode, RSI = struct boot_params);
+ *   bootinfo-bzimage.elf  -DBOOT_LINUX -DBZIMAGE: as bootinfo-linux, with
+ *                       _start at 0x100200; build.rs turns it into
+ *                       bootinfo.bzimage (entered the same way).
  *
  * Both entries only record the boot pointer, switch to our own page tables
  * (identity map of the first 4 GiB with 2 MiB pages) and continue in the
@@ -78,6 +81,16 @@ pvh_long:
 /* ------------------------------------------------------------------ */
 /* Linux 64-bit boot protocol entry (ELF e_entry): RSI = boot_params   */
 /* ------------------------------------------------------------------ */
+#ifdef BZIMAGE
+	/*
+	 * bootinfo.bzimage: build.rs wraps the flat image of this build
+	 * (loaded at 0x100000) in a bzImage, and the 64-bit boot protocol
+	 * enters a bzImage at its load address + 0x200.  The .text of this
+	 * object is the first thing at 0x100000 (guest.ld), so this puts
+	 * _start at 0x100200; build.rs checks e_entry.
+	 */
+	.org 0x200
+#endif
 	.globl _start
 _start:
 	cli

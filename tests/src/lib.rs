@@ -2,7 +2,8 @@
 //!
 //! The tiny guest kernels in `tests/guests/` are assembled and linked by
 //! `build.rs` into cargo's `OUT_DIR`; [`guest`] returns the path of one of
-//! them. See `tests/guests/README.md` for what each guest does and prints.
+//! them (`<name>.elf`) and [`guest_file`] of the other images (the bzImage).
+//! See `tests/guests/README.md` for what each guest does and prints.
 
 use std::path::PathBuf;
 
@@ -12,7 +13,7 @@ pub mod proc;
 /// Directory holding the built guests (set by `build.rs`).
 pub const GUEST_DIR: &str = env!("HPCVM_GUEST_DIR");
 
-/// Every guest built by `build.rs`.
+/// Every ELF guest built by `build.rs` (`<name>.elf`).
 pub const GUESTS: &[&str] = &[
     "bootinfo",
     "bootinfo-linux",
@@ -20,10 +21,26 @@ pub const GUESTS: &[&str] = &[
     "triplefault",
     "badinsn",
     "spin",
+    "smp",
+    "shutdown-aware",
+    "ticker",
 ];
 
 /// The guests that carry a PVH (XEN_ELFNOTE_PHYS32_ENTRY) note.
-pub const PVH_GUESTS: &[&str] = &["bootinfo", "hello", "triplefault", "badinsn", "spin"];
+pub const PVH_GUESTS: &[&str] = &[
+    "bootinfo",
+    "hello",
+    "triplefault",
+    "badinsn",
+    "spin",
+    "smp",
+    "shutdown-aware",
+    "ticker",
+];
+
+/// Guest images that are not `<name>.elf` files, by file name: the bzImage
+/// that `build.rs` wraps around `bootinfo-linux`'s code.
+pub const GUEST_FILES: &[&str] = &["bootinfo.bzimage"];
 
 /// Path of the built guest `<name>.elf` (e.g. `guest("hello")`).
 ///
@@ -36,6 +53,23 @@ pub fn guest(name: &str) -> PathBuf {
              it is built by tests/build.rs from tests/guests/",
             path.display(),
             GUESTS.join(", ")
+        );
+    }
+    path
+}
+
+/// Path of a built guest image by its file name, for images that are not
+/// `<name>.elf` (e.g. `guest_file("bootinfo.bzimage")`; see [`GUEST_FILES`]).
+///
+/// Panics with a clear message if it does not exist.
+pub fn guest_file(file: &str) -> PathBuf {
+    let path = PathBuf::from(GUEST_DIR).join(file);
+    if !path.is_file() {
+        panic!(
+            "test guest file `{file}` not found at {} (known files: {}); \
+             it is built by tests/build.rs from tests/guests/",
+            path.display(),
+            GUEST_FILES.join(", ")
         );
     }
     path
@@ -215,6 +249,74 @@ mod tests {
         for name in PVH_GUESTS {
             assert!(GUESTS.contains(name));
         }
+        // bootinfo-linux is the one ELF guest without a PVH note.
         assert_eq!(PVH_GUESTS.len() + 1, GUESTS.len());
+    }
+
+    #[test]
+    fn guest_files_exist() {
+        for file in GUEST_FILES {
+            assert!(guest_file(file).is_file());
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "not found")]
+    fn unknown_guest_file_panics() {
+        guest_file("no-such-guest.bzimage");
+    }
+
+    /// The bzImage header, field by field (Linux Documentation/arch/x86/boot.rst), and
+    /// what linux-loader 0.14 checks: "HdrS", version >= 2.00, LOADED_HIGH; it loads
+    /// the part after the (setup_sects + 1) sectors at code32_start, and hpcvm enters it
+    /// 0x200 further on with the 64-bit boot protocol.
+    #[test]
+    fn bzimage_has_a_64_bit_boot_protocol_header() {
+        let b = std::fs::read(guest_file("bootinfo.bzimage")).unwrap();
+        assert_eq!(u16_at(&b, 0x1fe), 0xaa55, "boot_flag");
+        assert_eq!(&b[0x202..0x206], b"HdrS", "header");
+        assert!(u16_at(&b, 0x206) >= 0x020c, "version");
+        assert_eq!(b[0x211] & 0x01, 0x01, "loadflags: LOADED_HIGH");
+        assert_eq!(u16_at(&b, 0x236) & 0x01, 0x01, "xloadflags: XLF_KERNEL_64");
+        assert_eq!(u32_at(&b, 0x214), 0x100000, "code32_start");
+        assert_eq!(u64_at(&b, 0x258), 0x100000, "pref_address");
+        let align = u32_at(&b, 0x230);
+        assert!(
+            align.is_power_of_two() && 0x100000u32.is_multiple_of(align),
+            "kernel_alignment"
+        );
+        assert!(u32_at(&b, 0x22c) >= 0x0fff_ffff, "initrd_addr_max");
+        assert!(u32_at(&b, 0x238) >= 255, "cmdline_size");
+
+        let setup_sects = usize::from(b[0x1f1]);
+        assert!(
+            setup_sects >= 1,
+            "the header reaches into the first setup sector"
+        );
+        let pm = &b[(setup_sects + 1) * 512..];
+        let syssize = u32_at(&b, 0x1f4) as usize;
+        assert_eq!(syssize, pm.len().div_ceil(16), "syssize");
+        let init_size = u32_at(&b, 0x260) as usize;
+        assert!(
+            init_size >= pm.len() && init_size.is_multiple_of(4096),
+            "init_size"
+        );
+        // The protected-mode part is the flat image of bootinfo-bzimage.elf (bootinfo's
+        // Linux build with its 64-bit entry moved to 0x100200), .bss included as zeros.
+        let elf = parse("bootinfo-bzimage");
+        assert_eq!(elf.entry, 0x100200, "64-bit entry at load address + 0x200");
+        assert_eq!(&pm[0x200..0x202], &[0xfa, 0xfc], "cli; cld at the entry");
+        for p in elf.phdrs.iter().filter(|p| p.p_type == PT_LOAD) {
+            let at = (p.p_vaddr - 0x100000) as usize;
+            let file = &elf.bytes[p.p_offset as usize..(p.p_offset + p.p_filesz) as usize];
+            assert_eq!(
+                &pm[at..at + file.len()],
+                file,
+                "segment at {:#x}",
+                p.p_vaddr
+            );
+            let bss = &pm[at + file.len()..at + p.p_memsz as usize];
+            assert!(bss.iter().all(|&x| x == 0), "bss at {:#x}", p.p_vaddr);
+        }
     }
 }
