@@ -2,22 +2,34 @@
 CARGO ?= cargo
 RELEASE := target/release
 
-.PHONY: all deps build run test lint bench clean
+GUEST := target/guest
+
+.PHONY: all deps build guest run test lint bench clean
 
 all: build
 
-# Debian packages for building the test guests (gcc, GNU as/ld).
+# Debian packages: gcc/as/ld for the test guests, a static busybox for job guests.
 deps:
-	@command -v gcc >/dev/null && command -v ld >/dev/null || \
-	  { apt-get update && apt-get install -y --no-install-recommends build-essential; }
+	@command -v gcc >/dev/null && command -v ld >/dev/null && \
+	  dpkg -s busybox-static >/dev/null 2>&1 || \
+	  { apt-get update && apt-get install -y --no-install-recommends build-essential busybox-static; }
 
 build: deps
 	$(CARGO) build --release --workspace --bins
 
-# The main job: boot a guest on /dev/kvm and show what it printed.
-run: build
-	$(RELEASE)/hpcvm run --kernel "$$($(RELEASE)/test-guest bootinfo)" \
-	  --cpus 2 --memory 128M --cmdline "hello.from=make-run"
+# The default job guest in $(GUEST): the stripped kernel (built once, cached under
+# ~/.cache/hpcvm), the static guest agent and busybox.
+guest: deps
+	@mkdir -p $(GUEST)
+	$(CARGO) rustc --release -p hpcvm-agent --bin hpcvm-agent -- -C target-feature=+crt-static
+	cp $(RELEASE)/hpcvm-agent $(GUEST)/hpcvm-agent.new && mv $(GUEST)/hpcvm-agent.new $(GUEST)/hpcvm-agent
+	cp /bin/busybox $(GUEST)/busybox
+	kernel=$$(guest-kernel/kernel/build.sh | tail -n 1) && test -f "$$kernel" && \
+	  cp "$$kernel" $(GUEST)/vmlinux.new && mv $(GUEST)/vmlinux.new $(GUEST)/vmlinux
+
+# The main job: boot the guest on /dev/kvm and run a command in it.
+run: build guest
+	$(RELEASE)/hpcvm run --cpus 2 --memory 512M -- uname -a
 
 lint:
 	$(CARGO) fmt --all -- --check
@@ -25,7 +37,7 @@ lint:
 
 # Lints, then unit tests and real-KVM integration tests (tests reserve hugepages they
 # need and give them back).
-test: deps lint
+test: deps lint guest
 	$(CARGO) build --workspace --bins
 	$(CARGO) test --workspace
 

@@ -146,6 +146,11 @@ impl RunningVm {
         }
     }
 
+    /// The next line of guest output, if one arrives within `timeout`.
+    pub fn next_line(&mut self, timeout: Duration) -> Option<String> {
+        self.lines.recv_timeout(timeout).ok()
+    }
+
     /// Process id.
     pub fn pid(&self) -> u32 {
         self.child.id()

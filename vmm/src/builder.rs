@@ -2,6 +2,9 @@
 //! config -> memory -> vCPUs -> devices -> control loop -> exit, in one function.
 
 use std::cell::RefCell;
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::path::PathBuf;
 use std::rc::Rc;
 use std::sync::Arc;
 
@@ -9,9 +12,11 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::timerfd::TimerFd;
 
+use crate::agent::AgentLink;
 use crate::api::ApiSocket;
-use crate::boot::{self, BootImage};
-use crate::config::{CpusConfig, VmConfig};
+use crate::boot::{self, initramfs, BootImage};
+use crate::config::{CpusConfig, JobConfig, VmConfig};
+use crate::control::lifecycle::RunningVm;
 use crate::control::{self, signals::StopSignals, Controller, LoopInputs, Outcome};
 use crate::host;
 use crate::legacy::LegacyDevices;
@@ -20,6 +25,7 @@ use crate::vstate::topology::{places, VcpuPlace};
 use crate::vstate::vcpu::{install_kick_handler, stop_all, StartGate, Vcpu, VcpuShared};
 use crate::vstate::{cpuid, msr, GuestExit, Vm};
 use crate::Error;
+use hpcvm_agent::JobSpec;
 
 /// Builds the VM described by `config`, runs it until it ends, tears it down and
 /// returns how it ended. Every resource is released before this returns, whatever the
@@ -50,13 +56,42 @@ pub fn run(config: &VmConfig) -> Result<Outcome, Error> {
 
     let ram = config.memory.size;
     let cmdline = guest_cmdline(config, software_kvm);
-    let image = boot::load(&config.kernel, &cmdline, &mem, ram)?;
+    // A job's initramfs is built in memory; the loader reads it through /proc/self/fd.
+    let (kernel, _initramfs_memfd) = match &config.job {
+        Some(job) => {
+            let fd = job_initramfs(job)?;
+            let mut k = config.kernel.clone();
+            k.initramfs = Some(PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd())));
+            (k, Some(fd))
+        }
+        None => (config.kernel.clone(), None),
+    };
+    let image = boot::load(&kernel, &cmdline, &mem, ram)?;
+    drop(_initramfs_memfd);
     boot::params::write(&image, &mem, ram)?;
     boot::regs::write_tables(&mem, image.protocol)?;
     let places = places(&config.cpus.topology);
     boot::mptable::write(&mem, &places)?;
 
-    let legacy = LegacyDevices::new(&vm)?;
+    let agent = config.job.as_ref().map(|job| {
+        let mut env = job.environment();
+        if software_kvm && !env.iter().any(|(k, _)| k == "GLIBC_TUNABLES") {
+            env.push((
+                "GLIBC_TUNABLES".into(),
+                cpuid::SOFTWARE_KVM_GLIBC_TUNABLES.into(),
+            ));
+        }
+        AgentLink::new(
+            JobSpec {
+                argv: job.argv.clone(),
+                env,
+                cwd: job.cwd.clone(),
+            },
+            config.verbose,
+        )
+    });
+    let show_console = config.verbose || config.job.is_none();
+    let legacy = LegacyDevices::new(&vm, show_console, agent.clone())?;
     let vcpu_evt = EventFd::new(EFD_NONBLOCK).map_err(io_err("the vCPU exit eventfd"))?;
     let shared = Arc::new(VcpuShared::new(
         vcpu_evt
@@ -95,11 +130,15 @@ pub fn run(config: &VmConfig) -> Result<Outcome, Error> {
     }
     gate.open_when_arrived(handles.len());
 
+    let running = RunningVm {
+        shared: shared.clone(),
+        vcpus: handles,
+        apic_ids: places.iter().map(|p| p.apic_id).collect(),
+        i8042: legacy.i8042.clone(),
+        agent: agent.zip(legacy.agent_port.clone()),
+    };
     let controller = Rc::new(RefCell::new(Controller::new(
-        shared.clone(),
-        handles,
-        places.iter().map(|p| p.apic_id).collect(),
-        legacy.i8042.clone(),
+        running,
         config.control.grace_period,
         grace_timer,
         config.memory,
@@ -127,6 +166,34 @@ pub fn run(config: &VmConfig) -> Result<Outcome, Error> {
     Ok(outcome.unwrap_or(Outcome::GuestExited(GuestExit::Reset)))
 }
 
+/// Writes the job's initramfs into a memfd.
+fn job_initramfs(job: &JobConfig) -> Result<File, Error> {
+    let name = c"hpcvm-initramfs";
+    // SAFETY: a valid NUL-terminated name; MFD_CLOEXEC keeps it out of children.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(io_err("the initramfs memfd")(
+            std::io::Error::last_os_error(),
+        ));
+    }
+    // SAFETY: a fresh descriptor we own.
+    let file = unsafe { File::from_raw_fd(fd) };
+    let contents = initramfs::Contents {
+        agent: &job.agent,
+        busybox: job.busybox.as_deref(),
+        files: &job.files,
+    };
+    let file = initramfs::write(&contents, std::io::BufWriter::new(file))
+        .and_then(|w| w.into_inner().map_err(|e| e.into_error()))
+        .map_err(|e| {
+            Error::Boot(boot::BootError::InitramfsRead {
+                path: PathBuf::from("(job initramfs)"),
+                source: e,
+            })
+        })?;
+    Ok(file)
+}
+
 fn io_err(what: &'static str) -> impl FnOnce(std::io::Error) -> Error {
     move |source| Error::Io { what, source }
 }
@@ -137,9 +204,18 @@ fn io_err(what: &'static str) -> impl FnOnce(std::io::Error) -> Error {
 /// the CPUID filter alone cannot hide them there.)
 pub fn guest_cmdline(config: &VmConfig, software_kvm: bool) -> String {
     let mut cmdline = config.kernel.full_cmdline();
+    if config.job.is_some() && !config.verbose {
+        // Every console byte is a VM exit; a job's guest says nothing unless asked.
+        cmdline.push_str(" quiet");
+    }
     if software_kvm {
         cmdline.push(' ');
         cmdline.push_str(cpuid::SOFTWARE_KVM_CMDLINE);
+        if config.job.is_some() {
+            // Unknown KEY=VALUE parameters become init's environment.
+            cmdline.push_str(" GLIBC_TUNABLES=");
+            cmdline.push_str(cpuid::SOFTWARE_KVM_GLIBC_TUNABLES);
+        }
     }
     cmdline
 }

@@ -32,13 +32,15 @@ pub const SHUT_DOWN: u8 = 167;
 pub const DESTROYED_AFTER_GRACE: u8 = 168;
 /// Destroyed on request (API `destroy`, a second SIGTERM or SIGINT).
 pub const DESTROYED: u8 = 169;
+/// The guest stopped before the agent reported the job's status (kernel panic, agent
+/// crash, guest reset from inside the job).
+pub const JOB_LOST: u8 = 170;
 
 /// Every code with its meaning, as documented in README.md.
 pub const TABLE: &[(u8, &str)] = &[
-    (GUEST_EXITED, "guest reset or powered off (normal end)"),
     (
-        1,
-        "reserved for the guest job's own status (see hpcvm run -- CMD)",
+        GUEST_EXITED,
+        "guest reset or powered off (normal end); with `-- CMD`, the job's status",
     ),
     (USAGE, "command-line usage error"),
     (CONFIG, "invalid configuration value"),
@@ -54,6 +56,7 @@ pub const TABLE: &[(u8, &str)] = &[
         "guest ignored shutdown, destroyed after the grace period",
     ),
     (DESTROYED, "destroyed on request"),
+    (JOB_LOST, "guest stopped before the job reported its status"),
 ];
 
 /// Exit status for how the guest ended.
@@ -73,6 +76,34 @@ pub fn for_outcome(outcome: &Outcome) -> u8 {
         Outcome::ShutDown(_) => SHUT_DOWN,
         Outcome::DestroyedAfterGrace { .. } => DESTROYED_AFTER_GRACE,
         Outcome::Destroyed { .. } => DESTROYED,
+        Outcome::JobExited { exit, .. } => exit.shell_status(),
+        Outcome::JobFailed(e) => e.status,
+        Outcome::JobLost(e) => match for_exit(e) {
+            GUEST_EXITED => JOB_LOST,
+            code => code,
+        },
+    }
+}
+
+/// Who the exit status speaks for: `"job"` when it is the guest job's own status, else
+/// `"vmm"` (for `--status-file`).
+pub fn source(outcome: &Outcome) -> &'static str {
+    match outcome {
+        Outcome::JobExited { .. } | Outcome::JobFailed(_) => "job",
+        _ => "vmm",
+    }
+}
+
+/// A short name for how the VM ended (for `--status-file`).
+pub fn outcome_name(outcome: &Outcome) -> &'static str {
+    match outcome {
+        Outcome::GuestExited(_) => "guest-exited",
+        Outcome::ShutDown(_) => "shut-down",
+        Outcome::DestroyedAfterGrace { .. } => "destroyed-after-grace",
+        Outcome::Destroyed { .. } => "destroyed",
+        Outcome::JobExited { .. } => "job-exited",
+        Outcome::JobFailed(_) => "job-failed",
+        Outcome::JobLost(_) => "job-lost",
     }
 }
 

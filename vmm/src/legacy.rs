@@ -1,16 +1,18 @@
-//! Wires the legacy devices to the VM: COM1 on IRQ 4 (irqfd) writing to stdout, and
-//! the i8042 whose reset command ends the guest.
+//! Wires the legacy devices to the VM: COM1 on IRQ 4 (irqfd) writing to stdout, COM2
+//! on IRQ 3 as the guest agent's channel when a job runs, and the i8042 whose reset
+//! command ends the guest.
 
 use std::io::{self, Write};
 use std::os::fd::AsFd;
 use std::sync::{Arc, Mutex};
 
 use devices::legacy::i8042::{I8042_BASE, I8042_PORTS, KBD_IRQ};
-use devices::legacy::serial::{COM1_BASE, COM1_IRQ, UART_PORTS};
-use devices::legacy::{SerialConsole, I8042};
+use devices::legacy::serial::{COM1_BASE, COM1_IRQ, COM2_BASE, COM2_IRQ, UART_PORTS};
+use devices::legacy::{Uart, I8042};
 use devices::{EventFdTrigger, PioBus};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use crate::agent::{AgentLink, AgentPort};
 use crate::vstate::Vm;
 use crate::Error;
 
@@ -19,7 +21,9 @@ pub struct LegacyDevices {
     /// Port-I/O bus shared by the vCPUs.
     pub pio: Arc<PioBus>,
     /// COM1, for host input.
-    pub console: Arc<Mutex<SerialConsole>>,
+    pub console: Arc<Mutex<Uart>>,
+    /// COM2 speaking to the guest agent, when a job runs.
+    pub agent_port: Option<Arc<Mutex<AgentPort>>>,
     /// The i8042, for Ctrl-Alt-Del.
     pub i8042: Arc<Mutex<I8042>>,
     /// Fired by the i8042 when the guest resets the machine.
@@ -27,15 +31,18 @@ pub struct LegacyDevices {
 }
 
 impl LegacyDevices {
-    /// Creates COM1 (output to this process's stdout) and the i8042 on `vm`.
-    pub fn new(vm: &Vm) -> Result<Self, Error> {
+    /// Creates COM1 (output to this process's stdout, or dropped when `console` is
+    /// false), the i8042 and, for a job, COM2 as the agent channel on `vm`.
+    pub fn new(vm: &Vm, console: bool, agent: Option<Arc<AgentLink>>) -> Result<Self, Error> {
         let io_err = |what| move |source| Error::Io { what, source };
         let irq = EventFd::new(EFD_NONBLOCK).map_err(io_err("the COM1 interrupt eventfd"))?;
         vm.register_irqfd(&irq, COM1_IRQ)?;
-        let console = Arc::new(Mutex::new(SerialConsole::new(
-            EventFdTrigger::new(irq),
-            Box::new(RawStdout::new().map_err(io_err("stdout for the console"))?),
-        )));
+        let out: Box<dyn Write + Send> = if console {
+            Box::new(RawStdout::new().map_err(io_err("stdout for the console"))?)
+        } else {
+            Box::new(io::sink())
+        };
+        let console = Arc::new(Mutex::new(Uart::new(EventFdTrigger::new(irq), out)));
         let reset_evt = EventFd::new(EFD_NONBLOCK).map_err(io_err("the reset eventfd"))?;
         let kbd_irq =
             EventFd::new(EFD_NONBLOCK).map_err(io_err("the keyboard interrupt eventfd"))?;
@@ -52,9 +59,25 @@ impl LegacyDevices {
                 what: "the port-I/O bus",
                 source: io::Error::other(e),
             })?;
+        let agent_port = match agent {
+            Some(link) => {
+                let irq =
+                    EventFd::new(EFD_NONBLOCK).map_err(io_err("the COM2 interrupt eventfd"))?;
+                vm.register_irqfd(&irq, COM2_IRQ)?;
+                let port = Arc::new(Mutex::new(AgentPort::new(EventFdTrigger::new(irq), link)));
+                bus.insert(COM2_BASE, UART_PORTS, port.clone())
+                    .map_err(|e| Error::Io {
+                        what: "the port-I/O bus",
+                        source: io::Error::other(e),
+                    })?;
+                Some(port)
+            }
+            None => None,
+        };
         Ok(Self {
             pio: Arc::new(bus),
             console,
+            agent_port,
             i8042,
             reset_evt,
         })

@@ -6,7 +6,9 @@
 //! [`exit_code`] (the status).
 //! [`builder::run`] strings them together.
 
+pub mod agent;
 pub mod api;
+pub mod assets;
 pub mod boot;
 pub mod builder;
 pub mod config;

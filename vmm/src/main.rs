@@ -1,14 +1,16 @@
 //! `hpcvm`: parses the command line, runs the VM (or talks to a running one), and turns
 //! the outcome into an exit status (see `vmm::exit_code` and the README's table).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use serde_json::json;
 use vmm::api::{client, Command as ApiCommand};
-use vmm::config::{ControlConfig, KernelConfig, VmConfig, DEFAULT_GRACE_PERIOD};
-use vmm::exit_code;
+use vmm::assets;
+use vmm::config::{ControlConfig, JobConfig, KernelConfig, VmConfig, DEFAULT_GRACE_PERIOD};
+use vmm::{exit_code, Outcome};
 
 #[derive(Parser)]
 #[command(name = "hpcvm", version, about = "A KVM hypervisor for HPC batch jobs")]
@@ -19,8 +21,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Boot a guest kernel and run it until it stops, is shut down or destroyed.
-    Run(RunArgs),
+    /// Boot a guest and run it until it stops, is shut down or destroyed; with
+    /// `-- CMD`, run CMD in the default guest and exit with its status.
+    Run(Box<RunArgs>),
     /// Send one request to a running hpcvm through its API socket and print the reply.
     ///
     /// Exit status: 0 the VMM answered ok, 1 it answered with an error, 2 usage error,
@@ -30,9 +33,10 @@ enum Command {
 
 #[derive(Args)]
 struct RunArgs {
-    /// Guest kernel: ELF vmlinux (PVH note or 64-bit entry) or bzImage.
+    /// Guest kernel: ELF vmlinux (PVH note or 64-bit entry) or bzImage. Default with
+    /// `-- CMD`: the kernel built by `make guest`.
     #[arg(long, value_name = "PATH")]
-    kernel: PathBuf,
+    kernel: Option<PathBuf>,
     /// Initramfs loaded beside the kernel (uncompressed boots fastest).
     #[arg(long, value_name = "PATH")]
     initramfs: Option<PathBuf>,
@@ -51,6 +55,24 @@ struct RunArgs {
     /// Seconds a shutdown (API, SIGTERM, SIGINT) waits for the guest before destroying it.
     #[arg(long, value_name = "SECONDS", default_value_t = DEFAULT_GRACE_PERIOD.as_secs_f64())]
     grace_period: f64,
+    /// Copy a host file or directory into the job's guest (repeatable).
+    #[arg(long = "file", value_name = "HOST:GUEST")]
+    files: Vec<String>,
+    /// Set a variable in the job's environment (repeatable).
+    #[arg(long = "env", value_name = "NAME=VALUE")]
+    env: Vec<String>,
+    /// The job's working directory in the guest.
+    #[arg(long, value_name = "DIR", default_value = "/")]
+    workdir: String,
+    /// Show the guest console (kernel messages) and agent diagnostics.
+    #[arg(long, short)]
+    verbose: bool,
+    /// Write how the VM ended as JSON (outcome, exit code, whether it is the job's).
+    #[arg(long, value_name = "PATH")]
+    status_file: Option<PathBuf>,
+    /// Command to run in the guest through the guest agent; hpcvm exits with its status.
+    #[arg(last = true, value_name = "CMD")]
+    command: Vec<String>,
 }
 
 #[derive(Args)]
@@ -87,10 +109,61 @@ fn config_from(args: RunArgs) -> Result<VmConfig, String> {
             args.grace_period
         ));
     }
+    let job = if args.command.is_empty() {
+        if !args.files.is_empty() || !args.env.is_empty() {
+            return Err("--file and --env apply to a command given after --".into());
+        }
+        None
+    } else {
+        if args.initramfs.is_some() {
+            return Err(
+                "--initramfs cannot be combined with -- CMD: the job's initramfs is \
+                        generated (add files to it with --file)"
+                    .into(),
+            );
+        }
+        let assets = assets::locate(&assets::guest_dir(), args.kernel.as_deref())
+            .map_err(|e| e.to_string())?;
+        let env = args
+            .env
+            .iter()
+            .map(|kv| match kv.split_once('=') {
+                Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+                _ => Err(format!("Invalid --env '{kv}': must be NAME=VALUE")),
+            })
+            .collect::<Result<_, _>>()?;
+        let files = args
+            .files
+            .iter()
+            .map(|f| f.parse())
+            .collect::<Result<_, _>>()?;
+        Some((
+            assets.kernel,
+            JobConfig {
+                argv: args.command,
+                env,
+                cwd: args.workdir,
+                files,
+                agent: assets.agent,
+                busybox: assets.busybox,
+            },
+        ))
+    };
+    let (kernel_path, job) = match (job, args.kernel) {
+        (Some((k, j)), _) => (k, Some(j)),
+        (None, Some(k)) => (k, None),
+        (None, None) => {
+            return Err(
+                "Nothing to boot: give --kernel PATH, or a command after -- \
+                        (e.g. hpcvm run -- uname -a)"
+                    .into(),
+            )
+        }
+    };
     let cfg = || -> Result<VmConfig, vmm::config::ConfigError> {
         Ok(VmConfig {
             kernel: KernelConfig {
-                path: args.kernel,
+                path: kernel_path,
                 initramfs: args.initramfs,
                 cmdline: args.cmdline,
             },
@@ -100,30 +173,63 @@ fn config_from(args: RunArgs) -> Result<VmConfig, String> {
                 api_socket: args.api_socket,
                 grace_period: Duration::from_secs_f64(args.grace_period),
             },
+            job,
+            verbose: args.verbose,
         })
     };
     cfg().map_err(|e| e.to_string())
 }
 
+/// Records how the VM ended for a wrapper (`--status-file`).
+fn write_status(path: &Path, code: u8, outcome: Option<&Outcome>, message: &str) {
+    let v = match outcome {
+        Some(o) => json!({
+            "exit_code": code,
+            "outcome": exit_code::outcome_name(o),
+            "source": exit_code::source(o),
+            "message": message,
+        }),
+        None => json!({"exit_code": code, "outcome": "error", "source": "vmm", "message": message}),
+    };
+    if let Err(e) = std::fs::write(path, format!("{v}\n")) {
+        eprintln!("hpcvm: cannot write --status-file {}: {e}", path.display());
+    }
+}
+
 fn run(args: RunArgs) -> u8 {
+    let status_file = args.status_file.clone();
+    let report = |code: u8, outcome: Option<&Outcome>, message: &str| {
+        if let Some(p) = &status_file {
+            write_status(p, code, outcome, message);
+        }
+        code
+    };
     let cfg = match config_from(args) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("hpcvm: error: {e}");
-            return exit_code::CONFIG;
+            let code = if e.starts_with("No guest") {
+                exit_code::IMAGE
+            } else {
+                exit_code::CONFIG
+            };
+            return report(code, None, &e);
         }
     };
     match vmm::run(&cfg) {
         Ok(outcome) => {
             let code = exit_code::for_outcome(&outcome);
-            if code != exit_code::GUEST_EXITED {
-                eprintln!("hpcvm: {outcome}");
+            let message = outcome.to_string();
+            let quiet = matches!(outcome, Outcome::JobExited { .. })
+                || (code == exit_code::GUEST_EXITED && cfg.job.is_none());
+            if !quiet {
+                eprintln!("hpcvm: {message}");
             }
-            code
+            report(code, Some(&outcome), &message)
         }
         Err(e) => {
             eprintln!("hpcvm: error: {e}");
-            exit_code::for_error(&e)
+            report(exit_code::for_error(&e), None, &e.to_string())
         }
     }
 }
@@ -161,7 +267,7 @@ fn main() -> ExitCode {
         }
     };
     ExitCode::from(match cli.command {
-        Command::Run(args) => run(args),
+        Command::Run(args) => run(*args),
         Command::Ctl(args) => ctl(args),
     })
 }

@@ -1,7 +1,7 @@
-//! Legacy PC devices: the UART console and the i8042 reset line.
+//! Legacy PC devices: the UARTs (console, agent channel) and the i8042.
 
 pub mod i8042;
 pub mod serial;
 
 pub use i8042::I8042;
-pub use serial::SerialConsole;
+pub use serial::Uart;

@@ -1,5 +1,7 @@
-//! A 16550A UART (vm-superio) with its interrupt on an irqfd.
+//! A 16550A UART (vm-superio) with its interrupt on an irqfd, and host input queued
+//! beyond its 64-byte FIFO: what does not fit is fed in as the guest drains the FIFO.
 
+use std::collections::VecDeque;
 use std::io::{self, Write};
 
 use vm_superio::serial::NoEvents;
@@ -19,16 +21,22 @@ pub const COM1_IRQ: u32 = 4;
 /// ISA IRQ line of COM2.
 pub const COM2_IRQ: u32 = 3;
 
-/// A UART whose transmit side writes to `out` (stdout for the console).
-pub struct SerialConsole {
+/// Most host input kept waiting for the guest beyond the FIFO.
+pub const MAX_PENDING_INPUT: usize = 2 << 20;
+
+/// A UART whose transmit side writes to `out` (stdout for the console, the agent
+/// protocol decoder for COM2).
+pub struct Uart {
     uart: Serial<EventFdTrigger, NoEvents, Box<dyn Write + Send>>,
+    pending: VecDeque<u8>,
 }
 
-impl SerialConsole {
+impl Uart {
     /// A UART raising its interrupt through `irq` and sending guest output to `out`.
     pub fn new(irq: EventFdTrigger, out: Box<dyn Write + Send>) -> Self {
         Self {
             uart: Serial::new(irq, out),
+            pending: VecDeque::new(),
         }
     }
 
@@ -37,6 +45,33 @@ impl SerialConsole {
         self.uart
             .enqueue_raw_bytes(bytes)
             .map_err(|e| io::Error::other(format!("{e:?}")))
+    }
+
+    /// Queues host input of any length: the FIFO gets what fits now, the rest as the
+    /// guest reads. Fails (queuing nothing) past [`MAX_PENDING_INPUT`] waiting bytes.
+    pub fn queue_input(&mut self, bytes: &[u8]) -> io::Result<()> {
+        if self.pending.len() + bytes.len() > MAX_PENDING_INPUT {
+            return Err(io::Error::other(format!(
+                "guest has {} bytes of unread input already",
+                self.pending.len()
+            )));
+        }
+        self.pending.extend(bytes);
+        self.pump();
+        Ok(())
+    }
+
+    fn pump(&mut self) {
+        while !self.pending.is_empty() && self.uart.fifo_capacity() > 0 {
+            let (a, _) = self.pending.as_slices();
+            let n = a.len().min(self.uart.fifo_capacity());
+            match self.uart.enqueue_raw_bytes(&a[..n]) {
+                Ok(k) if k > 0 => {
+                    self.pending.drain(..k);
+                }
+                _ => break,
+            }
+        }
     }
 
     /// Free room in the receive FIFO.
@@ -50,12 +85,15 @@ impl SerialConsole {
     }
 }
 
-impl PioDevice for SerialConsole {
+impl PioDevice for Uart {
     fn read(&mut self, offset: u16, data: &mut [u8]) {
         // Registers are byte-wide; a wider access reads the register then all ones.
         data.fill(0xff);
         if let (Some(first), Ok(off)) = (data.first_mut(), u8::try_from(offset)) {
             *first = self.uart.read(off);
+        }
+        if !self.pending.is_empty() {
+            self.pump();
         }
     }
 
@@ -86,10 +124,10 @@ mod tests {
         }
     }
 
-    fn uart() -> (SerialConsole, Shared, EventFdTrigger) {
+    fn uart() -> (Uart, Shared, EventFdTrigger) {
         let evt = EventFdTrigger::new(EventFd::new(EFD_NONBLOCK).unwrap());
         let out = Shared::default();
-        let s = SerialConsole::new(evt.try_clone().unwrap(), Box::new(out.clone()));
+        let s = Uart::new(evt.try_clone().unwrap(), Box::new(out.clone()));
         (s, out, evt)
     }
 
@@ -114,5 +152,31 @@ mod tests {
         let mut rbr = [0u8];
         s.read(0, &mut rbr);
         assert_eq!(rbr[0], b'x');
+    }
+
+    #[test]
+    fn input_longer_than_the_fifo_arrives_whole_as_the_guest_reads() {
+        let (mut s, _, _) = uart();
+        let msg: Vec<u8> = (0..1000u32).map(|i| (i % 251) as u8).collect();
+        s.queue_input(&msg).unwrap();
+        let mut got = Vec::new();
+        for _ in 0..5000 {
+            let mut lsr = [0u8];
+            s.read(5, &mut lsr);
+            if lsr[0] & 1 == 0 {
+                break;
+            }
+            let mut b = [0u8];
+            s.read(0, &mut b);
+            got.push(b[0]);
+        }
+        assert_eq!(got, msg);
+    }
+
+    #[test]
+    fn queued_input_is_bounded() {
+        let (mut s, _, _) = uart();
+        s.queue_input(&vec![0u8; MAX_PENDING_INPUT]).unwrap();
+        assert!(s.queue_input(&[0u8; 128]).is_err());
     }
 }

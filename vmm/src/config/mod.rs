@@ -82,6 +82,51 @@ impl Default for ControlConfig {
 /// Slurm's SIGKILL.
 pub const DEFAULT_GRACE_PERIOD: Duration = Duration::from_secs(25);
 
+/// A command to run inside the guest through the guest agent (`hpcvm run -- CMD`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobConfig {
+    /// Program and arguments.
+    pub argv: Vec<String>,
+    /// Extra environment (`--env K=V`), on top of the defaults.
+    pub env: Vec<(String, String)>,
+    /// Working directory in the guest.
+    pub cwd: String,
+    /// Host files copied into the initramfs.
+    pub files: Vec<crate::boot::initramfs::FileSpec>,
+    /// The guest agent binary (becomes /init).
+    pub agent: PathBuf,
+    /// A static busybox for the job's shell and tools, if available.
+    pub busybox: Option<PathBuf>,
+}
+
+/// The environment every job starts with; `--env` adds to or overrides it.
+pub const JOB_BASE_ENV: &[(&str, &str)] = &[
+    (
+        "PATH",
+        "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    ),
+    ("HOME", "/root"),
+    ("USER", "root"),
+    ("LOGNAME", "root"),
+    ("SHELL", "/bin/sh"),
+    ("HOSTNAME", "hpcvm"),
+];
+
+impl JobConfig {
+    /// The job's full environment: the base, then `--env` entries (later wins).
+    pub fn environment(&self) -> Vec<(String, String)> {
+        let mut env: Vec<(String, String)> = JOB_BASE_ENV
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        for (k, v) in &self.env {
+            env.retain(|(ek, _)| ek != k);
+            env.push((k.clone(), v.clone()));
+        }
+        env
+    }
+}
+
 /// Everything needed to build and run one VM.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmConfig {
@@ -93,4 +138,8 @@ pub struct VmConfig {
     pub memory: MemoryConfig,
     /// API socket and shutdown grace period.
     pub control: ControlConfig,
+    /// The command to run through the guest agent, if any.
+    pub job: Option<JobConfig>,
+    /// Show the guest console (kernel messages) and agent diagnostics.
+    pub verbose: bool,
 }

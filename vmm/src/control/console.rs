@@ -3,19 +3,19 @@
 use std::io::Read;
 use std::sync::{Arc, Mutex};
 
-use devices::legacy::SerialConsole;
+use devices::legacy::Uart;
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::terminal::Terminal;
 
 /// Feeds a terminal's keystrokes to the guest console, in raw mode while the VM runs.
 pub struct ConsoleInput {
-    console: Arc<Mutex<SerialConsole>>,
+    console: Arc<Mutex<Uart>>,
 }
 
 impl ConsoleInput {
     /// Feeds stdin to `console`.
-    pub fn new(console: Arc<Mutex<SerialConsole>>) -> Self {
+    pub fn new(console: Arc<Mutex<Uart>>) -> Self {
         Self { console }
     }
 }

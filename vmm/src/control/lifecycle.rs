@@ -13,6 +13,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use devices::legacy::I8042;
+use hpcvm_agent::{JobError, JobExit};
+
+use crate::agent::{AgentLink, AgentPort};
 use serde_json::{json, Value};
 use vmm_sys_util::timerfd::TimerFd;
 
@@ -42,6 +45,17 @@ pub enum Outcome {
         /// Who asked (`"API"`, `"second SIGTERM"`, ...).
         by: String,
     },
+    /// The job ran and ended; the guest then stopped.
+    JobExited {
+        /// How the job ended.
+        exit: JobExit,
+        /// It ended after a shutdown request.
+        on_request: bool,
+    },
+    /// The job could not be started.
+    JobFailed(JobError),
+    /// The guest stopped before the agent reported the job's status.
+    JobLost(GuestExit),
 }
 
 impl std::fmt::Display for Outcome {
@@ -55,6 +69,18 @@ impl std::fmt::Display for Outcome {
                 grace.as_secs_f64()
             ),
             Outcome::Destroyed { by } => write!(f, "Destroyed on request ({by})"),
+            Outcome::JobExited {
+                exit: JobExit::Code(c),
+                ..
+            } => write!(f, "Job exited with status {c}"),
+            Outcome::JobExited {
+                exit: JobExit::Signal(s),
+                ..
+            } => write!(f, "Job killed by signal {s}"),
+            Outcome::JobFailed(e) => write!(f, "Job could not start: {}", e.error),
+            Outcome::JobLost(e) => {
+                write!(f, "Guest stopped before the job reported its status ({e})")
+            }
         }
     }
 }
@@ -66,12 +92,27 @@ enum State {
     ShuttingDown { since: Instant, deadline: Instant },
 }
 
+/// What of a started VM the controller acts on.
+pub struct RunningVm {
+    /// State shared with the vCPU threads.
+    pub shared: Arc<VcpuShared>,
+    /// The vCPU threads.
+    pub vcpus: Vec<VcpuHandle>,
+    /// Each vCPU's APIC id, in index order.
+    pub apic_ids: Vec<u32>,
+    /// The i8042, for Ctrl-Alt-Del.
+    pub i8042: Arc<Mutex<I8042>>,
+    /// The guest agent channel, when a job runs.
+    pub agent: Option<(Arc<AgentLink>, Arc<Mutex<AgentPort>>)>,
+}
+
 /// Drives the VM's lifecycle; the control loop's subscribers call into it.
 pub struct Controller {
     shared: Arc<VcpuShared>,
     vcpus: Vec<VcpuHandle>,
     apic_ids: Vec<u32>,
     i8042: Arc<Mutex<I8042>>,
+    agent: Option<(Arc<AgentLink>, Arc<Mutex<AgentPort>>)>,
     default_grace: Duration,
     grace_timer: TimerFd,
     state: State,
@@ -81,21 +122,19 @@ pub struct Controller {
 }
 
 impl Controller {
-    /// A controller for running vCPUs `vcpus`.
+    /// A controller for the running VM `parts`.
     pub fn new(
-        shared: Arc<VcpuShared>,
-        vcpus: Vec<VcpuHandle>,
-        apic_ids: Vec<u32>,
-        i8042: Arc<Mutex<I8042>>,
+        parts: RunningVm,
         default_grace: Duration,
         grace_timer: TimerFd,
         memory: MemoryConfig,
     ) -> Self {
         Self {
-            shared,
-            vcpus,
-            apic_ids,
-            i8042,
+            shared: parts.shared,
+            vcpus: parts.vcpus,
+            apic_ids: parts.apic_ids,
+            i8042: parts.i8042,
+            agent: parts.agent,
             default_grace,
             grace_timer,
             state: State::Running,
@@ -139,10 +178,20 @@ impl Controller {
             // A paused guest cannot honour the request.
             self.resume()?;
         }
-        self.i8042
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .ctrl_alt_del();
+        match &self.agent {
+            // The job gets SIGTERM, as if it ran on the host.
+            Some((link, port)) => {
+                link.signal(libc::SIGTERM as u8);
+                port.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .flush_to_guest();
+            }
+            None => self
+                .i8042
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .ctrl_alt_del(),
+        }
         let now = Instant::now();
         let asked = now + grace.unwrap_or(self.default_grace);
         let (since, deadline) = match self.state {
@@ -194,6 +243,18 @@ impl Controller {
             return;
         }
         let exit = self.shared.exit().unwrap_or(GuestExit::Reset);
+        if let Some((link, _)) = &self.agent {
+            let report = link.report();
+            self.outcome = Some(match (report.error, report.exit) {
+                (Some(e), _) => Outcome::JobFailed(e),
+                (None, Some(x)) => Outcome::JobExited {
+                    exit: x,
+                    on_request: self.shutting_down(),
+                },
+                (None, None) => Outcome::JobLost(exit),
+            });
+            return;
+        }
         let clean = matches!(
             exit,
             GuestExit::Reset | GuestExit::Poweroff | GuestExit::Halted

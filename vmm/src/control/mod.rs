@@ -11,7 +11,7 @@ use std::os::fd::AsRawFd;
 use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 
-use devices::legacy::SerialConsole;
+use devices::legacy::Uart;
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
@@ -33,7 +33,7 @@ pub struct LoopInputs<'a> {
     /// The API socket, if one was asked for.
     pub api: Option<&'a ApiSocket>,
     /// COM1, for terminal input.
-    pub console: Arc<Mutex<SerialConsole>>,
+    pub console: Arc<Mutex<Uart>>,
 }
 
 /// Wakes the controller for guest exits, resets, stop signals and the grace timer.

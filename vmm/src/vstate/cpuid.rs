@@ -30,6 +30,13 @@ pub const SOFTWARE_KVM_HIDDEN_LEAF1_ECX: u32 =
 /// from the host CPU whatever KVM_SET_CPUID2 says (measured: leaf 1 ECX set to
 /// 0x80000000, guest read 0xf6d81203).
 pub const SOFTWARE_KVM_CMDLINE: &str = "noxsave clearcpuid=cx16,popcnt,smap";
+/// On kvm_pvm, guest user mode sees the host's CPUID and XCR0, so glibc picks AVX
+/// string functions, but the guest kernel (booted `noxsave`) does not save AVX state
+/// across context switches: two processes on one vCPU corrupt each other's registers.
+/// This glibc tunable (given to init through the kernel command line, and to the job)
+/// keeps glibc on SSE2 code. Old and new feature names both, as glibc renamed them.
+pub const SOFTWARE_KVM_GLIBC_TUNABLES: &str = "glibc.cpu.hwcaps=-AVX,-AVX2,-AVX512F,-AVX512VL,\
+-AVX512BW,-AVX512DQ,-AVX_Fast_Unaligned_Load,-FMA,-AVX2_Usable,-AVX512F_Usable,-AVX512VL_Usable";
 /// Leaf 7 features hidden on a software-KVM host.
 pub const SOFTWARE_KVM_HIDDEN_LEAF7_EBX: u32 = EBX7_SMAP;
 

@@ -1,0 +1,180 @@
+//! The wire protocol between hpcvm and its guest agent, spoken over the guest's second
+//! serial port (COM2, `/dev/ttyS1` in raw mode) so it works before and without any
+//! virtio transport.
+//!
+//! A frame is `kind: u8`, `len: u32` little-endian, then `len` payload bytes.
+//!
+//! ```text
+//! agent -> host   READY (version)  STDOUT/STDERR (bytes)  EXIT (JSON)  ERROR (JSON)  LOG (text)
+//! host  -> agent  JOB (JSON)       SIGNAL (one byte: the signal number)
+//! ```
+//! The agent says READY once the channel is open; the host answers with the JOB; the
+//! agent streams the job's output, forwards SIGNALs to the job's process group, reports
+//! EXIT (or ERROR if the job could not start), then syncs and resets the VM.
+
+use serde::{Deserialize, Serialize};
+
+/// Frame kinds.
+pub mod kind {
+    /// Agent is up; payload: its version.
+    pub const READY: u8 = 0x10;
+    /// Job stdout bytes.
+    pub const STDOUT: u8 = 0x11;
+    /// Job stderr bytes.
+    pub const STDERR: u8 = 0x12;
+    /// Job finished; payload: JSON [`super::JobExit`].
+    pub const EXIT: u8 = 0x13;
+    /// Job could not start; payload: JSON [`super::JobError`].
+    pub const ERROR: u8 = 0x14;
+    /// Agent diagnostics (shown with `hpcvm run --verbose`).
+    pub const LOG: u8 = 0x15;
+    /// Host -> agent: the job to run; payload: JSON [`super::JobSpec`].
+    pub const JOB: u8 = 0x01;
+    /// Host -> agent: deliver a signal to the job's process group; payload: 1 byte.
+    pub const SIGNAL: u8 = 0x02;
+}
+
+/// Largest payload either side sends or accepts.
+pub const MAX_PAYLOAD: usize = 1 << 20;
+/// Bytes before the payload.
+pub const HEADER_LEN: usize = 5;
+
+/// The job the host asks the agent to run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobSpec {
+    /// Program and arguments; `argv[0]` is looked up in `PATH` if it has no slash.
+    pub argv: Vec<String>,
+    /// The job's whole environment.
+    pub env: Vec<(String, String)>,
+    /// Working directory.
+    pub cwd: String,
+}
+
+/// How the job ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobExit {
+    /// Exited with this status.
+    Code(i32),
+    /// Killed by this signal.
+    Signal(i32),
+}
+
+impl JobExit {
+    /// The status a shell would report: the code, or 128 + signal.
+    pub fn shell_status(self) -> u8 {
+        match self {
+            JobExit::Code(c) => (c & 0xff) as u8,
+            JobExit::Signal(s) => (128 + s).clamp(0, 255) as u8,
+        }
+    }
+}
+
+/// Why the job could not start.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobError {
+    /// What went wrong, for humans.
+    pub error: String,
+    /// The status a shell would give: 127 not found, 126 not executable.
+    pub status: u8,
+}
+
+/// Encodes one frame.
+pub fn frame(kind: u8, payload: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(HEADER_LEN + payload.len());
+    v.push(kind);
+    v.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    v.extend_from_slice(payload);
+    v
+}
+
+/// Incremental frame decoder: feed bytes as they arrive, take frames out.
+#[derive(Debug, Default)]
+pub struct Decoder {
+    buf: Vec<u8>,
+}
+
+/// A stream that cannot be framed any more.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FrameError(pub String);
+
+impl Decoder {
+    /// Adds received bytes.
+    pub fn push(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// The next complete frame, if one has arrived.
+    pub fn next_frame(&mut self) -> Result<Option<(u8, Vec<u8>)>, FrameError> {
+        if self.buf.len() < HEADER_LEN {
+            return Ok(None);
+        }
+        let len = u32::from_le_bytes(self.buf[1..5].try_into().expect("4 bytes")) as usize;
+        if len > MAX_PAYLOAD {
+            return Err(FrameError(format!(
+                "frame of kind {:#x} claims {len} bytes (limit {MAX_PAYLOAD})",
+                self.buf[0]
+            )));
+        }
+        if self.buf.len() < HEADER_LEN + len {
+            return Ok(None);
+        }
+        let kind = self.buf[0];
+        let payload = self.buf[HEADER_LEN..HEADER_LEN + len].to_vec();
+        self.buf.drain(..HEADER_LEN + len);
+        Ok(Some((kind, payload)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip_in_any_chunking() {
+        let mut wire = frame(kind::STDOUT, b"hello\n");
+        wire.extend(frame(kind::EXIT, br#"{"code":3}"#));
+        wire.extend(frame(kind::READY, b""));
+        for chunk in [1, 2, 5, 7, wire.len()] {
+            let mut d = Decoder::default();
+            let mut got = Vec::new();
+            for c in wire.chunks(chunk) {
+                d.push(c);
+                while let Some(f) = d.next_frame().unwrap() {
+                    got.push(f);
+                }
+            }
+            assert_eq!(
+                got,
+                vec![
+                    (kind::STDOUT, b"hello\n".to_vec()),
+                    (kind::EXIT, br#"{"code":3}"#.to_vec()),
+                    (kind::READY, vec![])
+                ]
+            );
+        }
+    }
+
+    #[test]
+    fn oversized_frames_are_refused() {
+        let mut d = Decoder::default();
+        d.push(&[kind::STDOUT, 0xff, 0xff, 0xff, 0x7f]);
+        assert!(d.next_frame().unwrap_err().0.contains("limit"));
+    }
+
+    #[test]
+    fn exit_json_and_shell_status() {
+        assert_eq!(
+            serde_json::to_string(&JobExit::Code(3)).unwrap(),
+            r#"{"code":3}"#
+        );
+        assert_eq!(
+            serde_json::to_string(&JobExit::Signal(9)).unwrap(),
+            r#"{"signal":9}"#
+        );
+        assert_eq!(JobExit::Code(3).shell_status(), 3);
+        assert_eq!(JobExit::Code(256 + 7).shell_status(), 7);
+        assert_eq!(JobExit::Signal(9).shell_status(), 137);
+        assert_eq!(JobExit::Signal(15).shell_status(), 143);
+    }
+}

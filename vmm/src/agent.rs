@@ -1,0 +1,260 @@
+//! The host side of the guest agent channel on COM2: hands the agent its job, routes
+//! the job's stdout/stderr to hpcvm's own, forwards signals, and keeps how the job
+//! ended. Frames are decoded in the vCPU thread that writes the UART (see
+//! `hpcvm_agent` for the wire format).
+
+use std::io::{self, Write};
+use std::os::fd::AsFd;
+use std::sync::{Arc, Mutex};
+
+use devices::legacy::Uart;
+use devices::PioDevice;
+use hpcvm_agent::{frame, kind, Decoder, JobError, JobExit, JobSpec};
+
+/// What the control loop needs to know about the job.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct JobReport {
+    /// The agent is up (it said READY).
+    pub ready: bool,
+    /// How the job ended, once reported.
+    pub exit: Option<JobExit>,
+    /// Why the job could not start, if it could not.
+    pub error: Option<JobError>,
+    /// The channel broke (garbage on the wire).
+    pub protocol_error: Option<String>,
+}
+
+/// State shared by the vCPU thread decoding frames and the control loop.
+pub struct AgentLink {
+    job: JobSpec,
+    verbose: bool,
+    report: Mutex<JobReport>,
+    to_guest: Mutex<Vec<u8>>,
+    held_signals: Mutex<Vec<u8>>,
+}
+
+impl AgentLink {
+    /// A link that will hand `job` to the agent once it is up.
+    pub fn new(job: JobSpec, verbose: bool) -> Arc<Self> {
+        Arc::new(Self {
+            job,
+            verbose,
+            report: Mutex::new(JobReport::default()),
+            to_guest: Mutex::new(Vec::new()),
+            held_signals: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// What has been reported so far.
+    pub fn report(&self) -> JobReport {
+        lock(&self.report).clone()
+    }
+
+    /// Asks for `sig` to be delivered to the job's process group; held until the agent
+    /// is up (then sent right after the job, which starts and gets it at once).
+    pub fn signal(&self, sig: u8) {
+        let ready = lock(&self.report).ready;
+        if ready {
+            lock(&self.to_guest).extend(frame(kind::SIGNAL, &[sig]));
+        } else {
+            lock(&self.held_signals).push(sig);
+        }
+    }
+
+    fn on_frame(&self, k: u8, payload: &[u8]) {
+        match k {
+            kind::READY => {
+                lock(&self.report).ready = true;
+                let spec = serde_json::to_vec(&self.job).expect("JobSpec serializes");
+                let mut out = lock(&self.to_guest);
+                out.extend(frame(kind::JOB, &spec));
+                for sig in lock(&self.held_signals).drain(..) {
+                    out.extend(frame(kind::SIGNAL, &[sig]));
+                }
+            }
+            kind::STDOUT => write_fd(io::stdout().as_fd(), payload),
+            kind::STDERR => write_fd(io::stderr().as_fd(), payload),
+            kind::EXIT => {
+                let parsed = serde_json::from_slice::<JobExit>(payload);
+                let mut r = lock(&self.report);
+                match parsed {
+                    Ok(e) => r.exit = Some(e),
+                    Err(e) => r.protocol_error = Some(format!("bad EXIT report: {e}")),
+                }
+            }
+            kind::ERROR => {
+                let parsed = serde_json::from_slice::<JobError>(payload);
+                let mut r = lock(&self.report);
+                match parsed {
+                    Ok(e) => r.error = Some(e),
+                    Err(e) => r.protocol_error = Some(format!("bad ERROR report: {e}")),
+                }
+            }
+            kind::LOG if self.verbose => {
+                eprintln!("hpcvm: agent: {}", String::from_utf8_lossy(payload));
+            }
+            _ => {}
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Writes all of `data` to `fd` unbuffered; a closed stdout/stderr drops the data (the
+/// job's status still counts).
+fn write_fd(fd: std::os::fd::BorrowedFd<'_>, data: &[u8]) {
+    if let Ok(owned) = fd.try_clone_to_owned() {
+        let _ = std::fs::File::from(owned).write_all(data);
+    }
+}
+
+/// Bytes the guest writes to COM2, decoded into frames.
+struct FrameSink {
+    link: Arc<AgentLink>,
+    dec: Decoder,
+    broken: bool,
+}
+
+impl Write for FrameSink {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.broken {
+            return Ok(buf.len());
+        }
+        self.dec.push(buf);
+        loop {
+            match self.dec.next_frame() {
+                Ok(Some((k, payload))) => self.link.on_frame(k, &payload),
+                Ok(None) => break,
+                Err(e) => {
+                    lock(&self.link.report).protocol_error = Some(e.0);
+                    self.broken = true;
+                    break;
+                }
+            }
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// COM2 as the agent's channel: a UART whose output is decoded as frames and whose
+/// input is fed from the link's outgoing queue.
+pub struct AgentPort {
+    uart: Uart,
+    link: Arc<AgentLink>,
+}
+
+impl AgentPort {
+    /// A port raising `irq` and speaking for `link`.
+    pub fn new(irq: devices::EventFdTrigger, link: Arc<AgentLink>) -> Self {
+        let sink = FrameSink {
+            link: link.clone(),
+            dec: Decoder::default(),
+            broken: false,
+        };
+        Self {
+            uart: Uart::new(irq, Box::new(sink)),
+            link,
+        }
+    }
+
+    /// Moves queued host->agent frames into the UART.
+    pub fn flush_to_guest(&mut self) {
+        let mut out = lock(&self.link.to_guest);
+        if !out.is_empty() && self.uart.queue_input(&out).is_ok() {
+            out.clear();
+        }
+    }
+}
+
+impl PioDevice for AgentPort {
+    fn read(&mut self, offset: u16, data: &mut [u8]) {
+        self.uart.read(offset, data);
+    }
+
+    fn write(&mut self, offset: u16, data: &[u8]) {
+        self.uart.write(offset, data);
+        self.flush_to_guest();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+    fn port() -> (AgentPort, Arc<AgentLink>) {
+        let job = JobSpec {
+            argv: vec!["true".into()],
+            env: vec![],
+            cwd: "/".into(),
+        };
+        let link = AgentLink::new(job, false);
+        let irq = devices::EventFdTrigger::new(EventFd::new(EFD_NONBLOCK).unwrap());
+        (AgentPort::new(irq, link.clone()), link)
+    }
+
+    /// Plays the guest: writes bytes to THR.
+    fn guest_sends(p: &mut AgentPort, bytes: &[u8]) {
+        for b in bytes {
+            p.write(0, &[*b]);
+        }
+    }
+
+    /// Plays the guest: reads everything waiting in the receive FIFO.
+    fn guest_reads(p: &mut AgentPort) -> Vec<u8> {
+        let mut got = Vec::new();
+        loop {
+            let mut lsr = [0];
+            p.read(5, &mut lsr);
+            if lsr[0] & 1 == 0 {
+                return got;
+            }
+            let mut b = [0];
+            p.read(0, &mut b);
+            got.push(b[0]);
+        }
+    }
+
+    #[test]
+    fn ready_brings_the_job_then_held_signals() {
+        let (mut p, link) = port();
+        link.signal(15);
+        assert!(guest_reads(&mut p).is_empty(), "nothing before READY");
+        guest_sends(&mut p, &frame(kind::READY, b"0.1"));
+        let mut dec = Decoder::default();
+        dec.push(&guest_reads(&mut p));
+        let (k, payload) = dec.next_frame().unwrap().unwrap();
+        assert_eq!(k, kind::JOB);
+        let spec: JobSpec = serde_json::from_slice(&payload).unwrap();
+        assert_eq!(spec.argv, ["true"]);
+        assert_eq!(dec.next_frame().unwrap(), Some((kind::SIGNAL, vec![15])));
+        link.signal(9);
+        p.flush_to_guest();
+        assert_eq!(guest_reads(&mut p), frame(kind::SIGNAL, &[9]));
+    }
+
+    #[test]
+    fn exit_and_error_reports_are_kept() {
+        let (mut p, link) = port();
+        guest_sends(&mut p, &frame(kind::EXIT, br#"{"signal":9}"#));
+        assert_eq!(link.report().exit, Some(JobExit::Signal(9)));
+        guest_sends(
+            &mut p,
+            &frame(kind::ERROR, br#"{"error":"nope","status":127}"#),
+        );
+        assert_eq!(link.report().error.unwrap().status, 127);
+    }
+
+    #[test]
+    fn garbage_marks_the_channel_broken() {
+        let (mut p, link) = port();
+        guest_sends(&mut p, &[0x11, 0xff, 0xff, 0xff, 0xff]);
+        assert!(link.report().protocol_error.unwrap().contains("limit"));
+    }
+}
