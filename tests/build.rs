@@ -1,7 +1,7 @@
 //! Builds the tiny test guests in `guests/` into `$OUT_DIR/<name>.elf` with
 //! the system toolchain (`gcc` to preprocess and assemble, `ld` to link),
 //! wraps one of them as a Linux bzImage (`$OUT_DIR/bootinfo.bzimage`, written
-//! here in Rust), and exports `HPCVM_GUEST_DIR=$OUT_DIR` to the crate.
+//! here in Rust), and exports `HPCVM_TEST_GUEST_DIR=$OUT_DIR` to the crate.
 
 use std::env;
 use std::path::{Path, PathBuf};
@@ -77,7 +77,7 @@ fn main() {
         write_bzimage(&out.join(elf), &out.join(file));
     }
 
-    println!("cargo:rustc-env=HPCVM_GUEST_DIR={}", out.display());
+    println!("cargo:rustc-env=HPCVM_TEST_GUEST_DIR={}", out.display());
 }
 
 /// Where the guests are linked and where a bzImage's protected-mode part loads.

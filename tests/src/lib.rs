@@ -11,7 +11,7 @@ pub mod hugepages;
 pub mod proc;
 
 /// Directory holding the built guests (set by `build.rs`).
-pub const GUEST_DIR: &str = env!("HPCVM_GUEST_DIR");
+pub const GUEST_DIR: &str = env!("HPCVM_TEST_GUEST_DIR");
 
 /// Every ELF guest built by `build.rs` (`<name>.elf`).
 pub const GUESTS: &[&str] = &[

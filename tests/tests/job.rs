@@ -1,0 +1,171 @@
+//! Real /dev/kvm, real guest kernel (`make guest`): `hpcvm run -- CMD` behaves like
+//! running CMD directly: its output on stdout/stderr, its exit status (or 128+signal)
+//! as hpcvm's, SIGTERM reaching it. Guest boots take tens of seconds on a software-KVM
+//! host, so each test packs several checks into one boot.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use hpcvm_tests::proc::{run_hpcvm, signal, RunningVm};
+
+/// Boot, job and exit together; generous for software KVM, where a boot takes 20-60 s.
+const JOB_TIMEOUT: Duration = Duration::from_secs(240);
+
+fn temp(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("hpcvm-job-{}-{name}", std::process::id()))
+}
+
+#[test]
+fn job_output_status_cpus_memory_hugetlbfs_and_files() {
+    let script = temp("job.sh");
+    std::fs::write(
+        &script,
+        "echo hi\n\
+         echo cpus=$(nproc)\n\
+         grep MemTotal /proc/meminfo\n\
+         mkdir -p /mnt/huge && mount -t hugetlbfs none /mnt/huge && echo hugetlbfs-ok\n\
+         echo env=$JOB_COLOR cwd=$(pwd)\n\
+         echo to-stderr >&2\n\
+         exit 3\n",
+    )
+    .unwrap();
+    let status = temp("status.json");
+    let r = run_hpcvm(
+        &[
+            "run",
+            "--cpus",
+            "2",
+            "--memory",
+            "256M",
+            "--file",
+            &format!("{}:/opt/job.sh", script.display()),
+            "--env",
+            "JOB_COLOR=blue",
+            "--workdir",
+            "/opt",
+            "--status-file",
+            status.to_str().unwrap(),
+            "--",
+            "/bin/sh",
+            "/opt/job.sh",
+        ],
+        JOB_TIMEOUT,
+    );
+    let status_json = std::fs::read_to_string(&status).unwrap_or_default();
+    let _ = std::fs::remove_file(&script);
+    let _ = std::fs::remove_file(&status);
+    assert_eq!(
+        r.code,
+        Some(3),
+        "stdout: {}\nstderr: {}",
+        r.stdout,
+        r.stderr
+    );
+    let lines: Vec<&str> = r.stdout.lines().collect();
+    assert_eq!(lines[0], "hi", "{}", r.stdout);
+    assert!(lines.contains(&"cpus=2"), "{}", r.stdout);
+    assert!(lines.contains(&"hugetlbfs-ok"), "{}", r.stdout);
+    assert!(lines.contains(&"env=blue cwd=/opt"), "{}", r.stdout);
+    let mem_kb: u64 = lines
+        .iter()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no MemTotal in {}", r.stdout));
+    assert!(
+        (200 * 1024..=256 * 1024).contains(&mem_kb),
+        "guest sees {mem_kb} kB of 256 MiB"
+    );
+    assert_eq!(r.stderr, "to-stderr\n", "only the job's stderr");
+    assert!(status_json.contains(r#""source":"job""#), "{status_json}");
+    assert!(status_json.contains(r#""exit_code":3"#), "{status_json}");
+}
+
+#[test]
+fn a_job_killed_by_sigkill_exits_137() {
+    let r = run_hpcvm(
+        &[
+            "run",
+            "--memory",
+            "128M",
+            "--",
+            "/bin/sh",
+            "-c",
+            "kill -9 $$",
+        ],
+        JOB_TIMEOUT,
+    );
+    assert_eq!(
+        r.code,
+        Some(137),
+        "stdout: {}\nstderr: {}",
+        r.stdout,
+        r.stderr
+    );
+    assert!(
+        r.stderr.is_empty(),
+        "a signal death is the job's status: {}",
+        r.stderr
+    );
+}
+
+#[test]
+fn a_missing_program_is_named_and_exits_127() {
+    let status = temp("missing.json");
+    let r = run_hpcvm(
+        &[
+            "run",
+            "--memory",
+            "128M",
+            "--status-file",
+            status.to_str().unwrap(),
+            "--",
+            "no-such-program",
+            "x",
+        ],
+        JOB_TIMEOUT,
+    );
+    let status_json = std::fs::read_to_string(&status).unwrap_or_default();
+    let _ = std::fs::remove_file(&status);
+    assert_eq!(
+        r.code,
+        Some(127),
+        "stdout: {}\nstderr: {}",
+        r.stdout,
+        r.stderr
+    );
+    assert!(
+        r.stderr
+            .contains("hpcvm: Job could not start: no-such-program: command not found"),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        status_json.contains(r#""outcome":"job-failed""#),
+        "{status_json}"
+    );
+}
+
+#[test]
+fn sigterm_reaches_the_job_and_its_status_is_hpcvms() {
+    let mut vm = RunningVm::start(&[
+        "run",
+        "--memory",
+        "128M",
+        "--grace-period",
+        "60",
+        "--",
+        "/bin/sh",
+        "-c",
+        "trap 'echo got-term; exit 7' TERM; echo ready; sleep 1000",
+    ]);
+    vm.wait_for_line("ready", JOB_TIMEOUT);
+    let sent = Instant::now();
+    signal(vm.pid(), libc::SIGTERM);
+    vm.wait_for_line("got-term", Duration::from_secs(60));
+    let (code, err, _) = vm.wait_exit(Duration::from_secs(60));
+    assert_eq!(code, Some(7), "{err}");
+    assert!(
+        sent.elapsed() < Duration::from_secs(60),
+        "within the grace period"
+    );
+}
