@@ -481,11 +481,15 @@ impl VcpuHandle {
 /// that lands before the thread published its kvm_run is repeated).
 pub fn stop_all(shared: &VcpuShared, handles: Vec<VcpuHandle>) {
     shared.request_stop();
-    for h in handles {
-        while !h.is_finished() {
+    // Kick them all at once, then re-kick whoever is still in KVM_RUN.
+    let mut running = handles;
+    while !running.is_empty() {
+        for h in &running {
             h.kick();
-            std::thread::sleep(Duration::from_micros(200));
         }
-        h.join();
+        std::thread::sleep(Duration::from_micros(50));
+        let (done, left): (Vec<_>, Vec<_>) = running.into_iter().partition(VcpuHandle::is_finished);
+        done.into_iter().for_each(VcpuHandle::join);
+        running = left;
     }
 }
