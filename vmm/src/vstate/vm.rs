@@ -4,7 +4,7 @@ use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES,
     KVM_PIT_SPEAKER_DUMMY,
 };
-use kvm_ioctls::{Kvm, VmFd};
+use kvm_ioctls::{Cap, Kvm, VmFd};
 use thiserror::Error;
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::errno;
@@ -37,6 +37,27 @@ pub enum VmError {
         /// The ioctl's error.
         source: errno::Error,
     },
+}
+
+// kvm-ioctls does not wrap KVM_REINJECT_CONTROL (_IO(KVMIO, 0x71), struct argument).
+vmm_sys_util::ioctl_io_nr!(KVM_REINJECT_CONTROL, kvm_bindings::KVMIO, 0x71);
+
+/// Turns off PIT tick reinjection (QEMU's `lost_tick_policy=discard`). Linux keeps
+/// time with kvm-clock and the TSC, not by counting PIT ticks; and while reinjection
+/// is on, KVM holds an IRQ-ack notifier whose removal at VM teardown waits for an SRCU
+/// grace period: measured here, 12 ms of every VM's exit (exec -> exit of the tiny
+/// guest went from 24 ms to 12 ms median without it).
+fn discard_lost_pit_ticks(fd: &VmFd) -> Result<(), errno::Error> {
+    let ctl = kvm_bindings::kvm_reinject_control {
+        pit_reinject: 0,
+        reserved: [0; 31],
+    };
+    // SAFETY: the VM fd is valid and the kernel reads exactly one kvm_reinject_control.
+    let rc = unsafe { vmm_sys_util::ioctl::ioctl_with_ref(fd, KVM_REINJECT_CONTROL(), &ctl) };
+    if rc < 0 {
+        return Err(errno::Error::last());
+    }
+    Ok(())
 }
 
 fn kvm_err(what: &'static str) -> impl FnOnce(errno::Error) -> VmError {
@@ -86,6 +107,9 @@ impl Vm {
             ..Default::default()
         })
         .map_err(kvm_err("CREATE_PIT2"))?;
+        if kvm.check_extension(Cap::ReinjectControl) {
+            discard_lost_pit_ticks(&fd).map_err(kvm_err("REINJECT_CONTROL"))?;
+        }
         Ok(Self {
             kvm,
             fd,
