@@ -47,32 +47,15 @@ pub fn run(config: &VmConfig) -> Result<Outcome, Error> {
     check_affinity(&config.cpus, &allowed)?;
 
     let vm = Vm::new(config.cpus.count)?;
-    let mem = memory::create_guest_memory(&config.memory)?;
-    if config.memory.prefault {
-        let cpus = config.cpus.affinity.as_deref().unwrap_or(&allowed);
-        memory::prefault::prefault(&mem, config.memory.hugepages.bytes(), cpus)?;
-    }
+    // In-kernel devices on one thread, guest RAM and the kernel image on this one.
+    let (irqchip, loaded) = std::thread::scope(|s| {
+        let irqchip = s.spawn(|| vm.create_irqchip());
+        let loaded = prepare_memory(config, &allowed, software_kvm);
+        (irqchip.join(), loaded)
+    });
+    irqchip.map_err(|_| io_err("the irqchip thread")(std::io::Error::other("panicked")))??;
+    let (mem, image, places) = loaded?;
     vm.register_memory(&mem)?;
-
-    let ram = config.memory.size;
-    let cmdline = guest_cmdline(config, software_kvm);
-    // A job's initramfs is built in memory; the loader reads it through /proc/self/fd.
-    let (kernel, _initramfs_memfd) = match &config.job {
-        Some(job) => {
-            let fd = job_initramfs(job)?;
-            let mut k = config.kernel.clone();
-            k.initramfs = Some(PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd())));
-            (k, Some(fd))
-        }
-        None => (config.kernel.clone(), None),
-    };
-    let image = boot::load(&kernel, &cmdline, &mem, ram)?;
-    drop(_initramfs_memfd);
-    boot::params::write(&image, &mem, ram)?;
-    boot::regs::write_tables(&mem, image.protocol)?;
-    let places = places(&config.cpus.topology);
-    boot::mptable::write(&mem, &places)?;
-
     let agent = config.job.as_ref().map(|job| {
         let mut env = job.environment();
         if software_kvm && !env.iter().any(|(k, _)| k == "GLIBC_TUNABLES") {
@@ -192,6 +175,37 @@ fn job_initramfs(job: &JobConfig) -> Result<File, Error> {
             })
         })?;
     Ok(file)
+}
+
+/// Guest RAM with the kernel, initramfs and boot structures in it.
+fn prepare_memory(
+    config: &VmConfig,
+    allowed: &[usize],
+    software_kvm: bool,
+) -> Result<(GuestMemoryMmap, BootImage, Vec<VcpuPlace>), Error> {
+    let mem = memory::create_guest_memory(&config.memory)?;
+    if config.memory.prefault {
+        let cpus = config.cpus.affinity.as_deref().unwrap_or(allowed);
+        memory::prefault::prefault(&mem, config.memory.hugepages.bytes(), cpus)?;
+    }
+    let ram = config.memory.size;
+    let cmdline = guest_cmdline(config, software_kvm);
+    // A job's initramfs is built in memory; the loader reads it through /proc/self/fd.
+    let (kernel, _initramfs_memfd) = match &config.job {
+        Some(job) => {
+            let fd = job_initramfs(job)?;
+            let mut k = config.kernel.clone();
+            k.initramfs = Some(PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd())));
+            (k, Some(fd))
+        }
+        None => (config.kernel.clone(), None),
+    };
+    let image = boot::load(&kernel, &cmdline, &mem, ram)?;
+    boot::params::write(&image, &mem, ram)?;
+    boot::regs::write_tables(&mem, image.protocol)?;
+    let places = places(&config.cpus.topology);
+    boot::mptable::write(&mem, &places)?;
+    Ok((mem, image, places))
 }
 
 fn io_err(what: &'static str) -> impl FnOnce(std::io::Error) -> Error {

@@ -77,7 +77,7 @@ pub struct Vm {
 }
 
 impl Vm {
-    /// Opens /dev/kvm and creates a VM with in-kernel LAPIC/IOAPIC/PIC and PIT.
+    /// Opens /dev/kvm and creates a VM; [`Vm::create_irqchip`] completes it.
     pub fn new(vcpus: u32) -> Result<Self, VmError> {
         let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
         let api = kvm.get_api_version();
@@ -101,21 +101,31 @@ impl Vm {
             .map_err(kvm_err("SET_TSS_ADDR"))?;
         fd.set_identity_map_address(KVM_IDENTITY_MAP_ADDR)
             .map_err(kvm_err("SET_IDENTITY_MAP_ADDR"))?;
-        fd.create_irq_chip().map_err(kvm_err("CREATE_IRQCHIP"))?;
-        fd.create_pit2(kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        })
-        .map_err(kvm_err("CREATE_PIT2"))?;
-        if kvm.check_extension(Cap::ReinjectControl) {
-            discard_lost_pit_ticks(&fd).map_err(kvm_err("REINJECT_CONTROL"))?;
-        }
         Ok(Self {
             kvm,
             fd,
             supported_cpuid,
             msr_index,
         })
+    }
+
+    /// Creates the in-kernel LAPIC/IOAPIC/PIC and PIT; must precede vCPU creation.
+    /// Mostly waiting in the kernel (a kernel thread for the PIT, RCU grace periods),
+    /// so the builder runs it beside guest memory setup.
+    pub fn create_irqchip(&self) -> Result<(), VmError> {
+        self.fd
+            .create_irq_chip()
+            .map_err(kvm_err("CREATE_IRQCHIP"))?;
+        self.fd
+            .create_pit2(kvm_pit_config {
+                flags: KVM_PIT_SPEAKER_DUMMY,
+                ..Default::default()
+            })
+            .map_err(kvm_err("CREATE_PIT2"))?;
+        if self.kvm.check_extension(Cap::ReinjectControl) {
+            discard_lost_pit_ticks(&self.fd).map_err(kvm_err("REINJECT_CONTROL"))?;
+        }
+        Ok(())
     }
 
     /// Gives KVM every guest RAM region, one memory slot each.
