@@ -46,6 +46,16 @@ fn bare_map(gib: usize) -> (Duration, Duration) {
     (populate, t.elapsed())
 }
 
+/// The first line the child prints.
+fn first_line(child: &mut std::process::Child) -> String {
+    let mut line = String::new();
+    let out = child.stdout.take().expect("piped stdout");
+    BufReader::new(out)
+        .read_line(&mut line)
+        .expect("read child stdout");
+    line
+}
+
 /// exec -> first output of the hello guest with `memory`.
 fn hello_first_output(hpcvm: &Path, memory: &str) -> Duration {
     let guest = hpcvm_tests::guest("hello");
@@ -61,10 +71,7 @@ fn hello_first_output(hpcvm: &Path, memory: &str) -> Duration {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
+    let line = first_line(&mut child);
     let d = t.elapsed();
     assert!(
         child.wait().unwrap().success(),
@@ -134,10 +141,7 @@ fn hpcvm_destroy(hpcvm: &Path, gib: usize) -> (Duration, u64) {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
+    let line = first_line(&mut child);
     assert!(line.contains("spin: start"), "{line}");
     let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
     let rss: u64 = status

@@ -74,6 +74,33 @@ pub fn run_hpcvm(args: &[&str], timeout: Duration) -> Finished {
     }
 }
 
+/// `run --kernel <test guest NAME> EXTRA...` as hpcvm arguments.
+pub fn guest_args(name: &str, extra: &[&str]) -> Vec<String> {
+    let kernel = crate::guest(name);
+    let mut args = vec![
+        "run".to_string(),
+        "--kernel".into(),
+        kernel.display().to_string(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+/// Boots test guest `name` with `extra` arguments and waits for hpcvm to exit.
+pub fn run_guest(name: &str, extra: &[&str]) -> Finished {
+    let args = guest_args(name, extra);
+    run_hpcvm(
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        DEFAULT_TIMEOUT,
+    )
+}
+
+/// Boots test guest `name` with `extra` arguments and leaves it running.
+pub fn start_guest(name: &str, extra: &[&str]) -> RunningVm {
+    let args = guest_args(name, extra);
+    RunningVm::start(&args.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
 /// Starts `hpcvm ARGS` with piped stdout/stderr and no stdin.
 pub fn spawn(args: &[&str]) -> Child {
     Command::new(hpcvm_bin())

@@ -10,8 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use hpcvm_tests::guest;
-use hpcvm_tests::proc::{ctl, hpcvm_bin, socket_path, RunningVm};
+use hpcvm_tests::proc::{ctl, hpcvm_bin, socket_path, start_guest, RunningVm};
 
 struct Vm {
     vm: RunningVm,
@@ -21,16 +20,10 @@ struct Vm {
 impl Vm {
     fn start(test: &str) -> Self {
         let sock = socket_path(test);
-        let kernel = guest("spin");
-        let mut vm = RunningVm::start(&[
-            "run",
-            "--kernel",
-            kernel.to_str().unwrap(),
-            "--memory",
-            "32M",
-            "--api-socket",
-            sock.to_str().unwrap(),
-        ]);
+        let mut vm = start_guest(
+            "spin",
+            &["--memory", "32M", "--api-socket", sock.to_str().unwrap()],
+        );
         vm.wait_for_line("spin: start", Duration::from_secs(60));
         Self { vm, sock }
     }

@@ -4,11 +4,11 @@
 
 use std::path::Path;
 
-use hpcvm_tests::proc::{run_hpcvm, software_kvm, Finished, DEFAULT_TIMEOUT};
-use hpcvm_tests::{guest, guest_file};
+use hpcvm_tests::proc::{run_guest, run_hpcvm, software_kvm, Finished, DEFAULT_TIMEOUT};
+use hpcvm_tests::guest_file;
 
 fn boot(guest_name: &str, extra: &[&str]) -> Finished {
-    boot_file(&guest(guest_name), extra)
+    run_guest(guest_name, extra)
 }
 
 fn boot_file(kernel: &Path, extra: &[&str]) -> Finished {

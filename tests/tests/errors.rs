@@ -3,7 +3,7 @@
 
 use hpcvm_tests::guest;
 use hpcvm_tests::hugepages::{free_2m, Reservation};
-use hpcvm_tests::proc::{allowed_cpus, run_hpcvm, Finished, DEFAULT_TIMEOUT};
+use hpcvm_tests::proc::{allowed_cpus, run_guest, run_hpcvm, Finished, DEFAULT_TIMEOUT};
 
 const CONFIG: i32 = 160;
 const IMAGE: i32 = 161;
@@ -15,10 +15,7 @@ fn hpcvm(args: &[&str]) -> Finished {
 }
 
 fn run_hello(extra: &[&str]) -> Finished {
-    let kernel = guest("hello");
-    let mut args = vec!["run", "--kernel", kernel.to_str().unwrap()];
-    args.extend_from_slice(extra);
-    hpcvm(&args)
+    run_guest("hello", extra)
 }
 
 fn assert_fails(r: &Finished, code: i32, message: &str) {

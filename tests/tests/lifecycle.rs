@@ -8,15 +8,14 @@ use std::time::{Duration, Instant};
 
 use hpcvm_tests::guest;
 use hpcvm_tests::hugepages::{free_2m, Reservation};
-use hpcvm_tests::proc::{ctl, run_hpcvm, signal, socket_path, RunningVm, DEFAULT_TIMEOUT};
+use hpcvm_tests::proc::{
+    ctl, run_guest, run_hpcvm, signal, socket_path, start_guest, RunningVm, DEFAULT_TIMEOUT,
+};
 
 const BOOT: Duration = Duration::from_secs(60);
 
 fn start(guest_name: &str, extra: &[&str]) -> RunningVm {
-    let kernel = guest(guest_name);
-    let mut args = vec!["run", "--kernel", kernel.to_str().unwrap()];
-    args.extend_from_slice(extra);
-    RunningVm::start(&args)
+    start_guest(guest_name, extra)
 }
 
 fn spin(extra: &[&str]) -> RunningVm {
@@ -206,18 +205,9 @@ fn socket_is_private_and_removed_on_normal_and_error_exits() {
     assert_eq!(mode, 0o600);
     // SIGKILL leaves the file; the next run replaces it because nobody listens.
     assert!(sock.exists());
-    let hello = guest("hello");
-    let r = run_hpcvm(
-        &[
-            "run",
-            "--kernel",
-            hello.to_str().unwrap(),
-            "--memory",
-            "16M",
-            "--api-socket",
-            sock.to_str().unwrap(),
-        ],
-        DEFAULT_TIMEOUT,
+    let r = run_guest(
+        "hello",
+        &["--memory", "16M", "--api-socket", sock.to_str().unwrap()],
     );
     assert_eq!(r.code, Some(0), "stale socket replaced: {}", r.stderr);
     assert!(!sock.exists(), "removed after a normal exit");
@@ -239,18 +229,9 @@ fn socket_is_private_and_removed_on_normal_and_error_exits() {
 fn a_live_socket_is_never_taken_over() {
     let sock = socket_path("live");
     let mut vm = spin(&["--memory", "32M", "--api-socket", sock.to_str().unwrap()]);
-    let hello = guest("hello");
-    let r = run_hpcvm(
-        &[
-            "run",
-            "--kernel",
-            hello.to_str().unwrap(),
-            "--memory",
-            "16M",
-            "--api-socket",
-            sock.to_str().unwrap(),
-        ],
-        DEFAULT_TIMEOUT,
+    let r = run_guest(
+        "hello",
+        &["--memory", "16M", "--api-socket", sock.to_str().unwrap()],
     );
     let still = ctl(&sock, &["status"]);
     vm.kill();
