@@ -7,6 +7,7 @@
 //! [`builder::run`] strings them together.
 
 pub mod agent;
+pub mod allocation;
 pub mod api;
 pub mod assets;
 pub mod boot;

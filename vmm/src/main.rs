@@ -7,9 +7,13 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use serde_json::json;
+use vmm::allocation;
 use vmm::api::{client, Command as ApiCommand};
 use vmm::assets;
-use vmm::config::{ControlConfig, JobConfig, KernelConfig, VmConfig, DEFAULT_GRACE_PERIOD};
+use vmm::config::{
+    ControlConfig, CpusConfig, JobConfig, KernelConfig, MemoryConfig, VmConfig,
+    DEFAULT_GRACE_PERIOD,
+};
 use vmm::{exit_code, Outcome};
 
 #[derive(Parser)]
@@ -43,12 +47,24 @@ struct RunArgs {
     /// Extra kernel command line, appended to "console=ttyS0 reboot=k panic=-1".
     #[arg(long, value_name = "STR", default_value = "")]
     cmdline: String,
-    /// vCPUs: N[,topology=S:C:T][,affinity=LIST] with LIST as 0-3 / 2,5,7 / 0@2,1@3.
-    #[arg(long, value_name = "SPEC", default_value = "1")]
-    cpus: String,
-    /// Guest RAM: SIZE[,hugepages=none|2M|1G|thp][,prefault=on].
-    #[arg(long, value_name = "SPEC", default_value = "256M")]
-    memory: String,
+    /// vCPUs: N[,topology=S:C:T][,affinity=LIST] with LIST as 0-3 / 2,5,7 / 0@2,1@3
+    /// (default 1).
+    #[arg(long, value_name = "SPEC", conflicts_with = "from_allocation")]
+    cpus: Option<String>,
+    /// Guest RAM: SIZE[,hugepages=none|2M|1G|thp][,prefault=on] (default 256M; with
+    /// --from-allocation: the job's memory limit minus hpcvm's reserve).
+    #[arg(long, value_name = "SPEC")]
+    memory: Option<String>,
+    /// Size and pin the VM from this job's allocation: one vCPU per CPU of this
+    /// process's affinity (its cpuset), pinned 1:1, topology mirroring the host; memory
+    /// from the memory cgroup limit or SLURM_MEM_PER_NODE; the launcher's SLURM_*,
+    /// OMPI_*, PMI_*, PMIX_* variables passed to the job.
+    #[arg(long)]
+    from_allocation: bool,
+    /// With --from-allocation: one VM per task, the node's memory shared by its tasks
+    /// (for `srun -n N hpcvm run --from-allocation --per-task -- ...`).
+    #[arg(long, requires = "from_allocation")]
+    per_task: bool,
     /// Control socket (newline-delimited JSON; see docs/api.md), created 0600.
     #[arg(long, value_name = "PATH")]
     api_socket: Option<PathBuf>,
@@ -160,6 +176,30 @@ fn config_from(args: RunArgs) -> Result<VmConfig, String> {
             )
         }
     };
+    let (cpus, memory) = if args.from_allocation {
+        from_allocation(args.memory.as_deref(), args.per_task, args.verbose)?
+    } else {
+        let cpus = args
+            .cpus
+            .as_deref()
+            .unwrap_or("1")
+            .parse()
+            .map_err(|e: vmm::config::ConfigError| e.to_string())?;
+        let memory = args
+            .memory
+            .as_deref()
+            .unwrap_or("256M")
+            .parse()
+            .map_err(|e: vmm::config::ConfigError| e.to_string())?;
+        (cpus, memory)
+    };
+    let mut job = job;
+    if let (Some(job), true) = (job.as_mut(), args.from_allocation) {
+        // The launcher's variables first, so that --env can override them.
+        let mut env = allocation::passed_env(std::env::vars());
+        env.append(&mut job.env);
+        job.env = env;
+    }
     let cfg = || -> Result<VmConfig, vmm::config::ConfigError> {
         Ok(VmConfig {
             kernel: KernelConfig {
@@ -167,8 +207,8 @@ fn config_from(args: RunArgs) -> Result<VmConfig, String> {
                 initramfs: args.initramfs,
                 cmdline: args.cmdline,
             },
-            cpus: args.cpus.parse()?,
-            memory: args.memory.parse()?,
+            cpus,
+            memory,
             control: ControlConfig {
                 api_socket: args.api_socket,
                 grace_period: Duration::from_secs_f64(args.grace_period),
@@ -178,6 +218,74 @@ fn config_from(args: RunArgs) -> Result<VmConfig, String> {
         })
     };
     cfg().map_err(|e| e.to_string())
+}
+
+/// vCPUs and memory from this job's allocation (`--from-allocation`).
+fn from_allocation(
+    memory: Option<&str>,
+    per_task: bool,
+    verbose: bool,
+) -> Result<(CpusConfig, MemoryConfig), String> {
+    let allowed =
+        vmm::host::allowed_cpus().map_err(|e| format!("Cannot read CPU affinity: {e}"))?;
+    let sys = Path::new("/sys");
+    let host: Vec<_> = allowed
+        .iter()
+        .map(|&c| allocation::host_cpu(sys, c))
+        .collect();
+    let cpus = allocation::layout(&host).map_err(|e| e.to_string())?;
+    let env = |k: &str| std::env::var(k).ok();
+    let tasks = if per_task {
+        allocation::local_tasks(&env)
+    } else {
+        1
+    };
+    let (memory, source) = match memory {
+        Some(m) => (
+            m.parse::<MemoryConfig>().map_err(|e| e.to_string())?,
+            "--memory".to_string(),
+        ),
+        None => {
+            let cgroup = std::fs::read_to_string("/proc/self/cgroup")
+                .ok()
+                .and_then(|t| allocation::cgroup_memory_limit(&t, Path::new("/sys/fs/cgroup")));
+            let slurm = env("SLURM_MEM_PER_NODE").and_then(|v| v.parse().ok());
+            let size = allocation::guest_memory(cgroup, slurm, tasks, 2 << 20)
+                .map_err(|e| e.to_string())?;
+            let from = match cgroup {
+                Some(l) => format!("memory cgroup limit {} MiB", l >> 20),
+                None => format!("SLURM_MEM_PER_NODE {} MiB", slurm.unwrap_or(0)),
+            };
+            let share = if tasks > 1 {
+                format!(" / {tasks} tasks")
+            } else {
+                String::new()
+            };
+            (
+                MemoryConfig {
+                    size,
+                    ..MemoryConfig::default()
+                },
+                format!(
+                    "{from}{share} - {} MiB reserve",
+                    allocation::VMM_RESERVE >> 20
+                ),
+            )
+        }
+    };
+    if verbose {
+        let t = cpus.topology;
+        eprintln!(
+            "hpcvm: from allocation: {} vCPUs ({} socket(s) x {} core(s) x {} thread(s)) pinned to host CPUs {}; {} MiB guest RAM ({source})",
+            cpus.count,
+            t.sockets,
+            t.cores,
+            t.threads,
+            vmm::host::fmt_cpu_list(cpus.affinity.as_deref().unwrap_or(&[])),
+            memory.size >> 20,
+        );
+    }
+    Ok((cpus, memory))
 }
 
 /// Records how the VM ended for a wrapper (`--status-file`).
