@@ -4,8 +4,8 @@
 
 use std::path::Path;
 
-use hpcvm_tests::proc::{run_guest, run_hpcvm, software_kvm, Finished, DEFAULT_TIMEOUT};
 use hpcvm_tests::guest_file;
+use hpcvm_tests::proc::{run_guest, run_hpcvm, software_kvm, Finished, DEFAULT_TIMEOUT};
 
 fn boot(guest_name: &str, extra: &[&str]) -> Finished {
     run_guest(guest_name, extra)
