@@ -41,9 +41,10 @@ test: deps lint guest
 	$(CARGO) build --workspace --bins
 	$(CARGO) test --workspace
 
-bench: build
-	@command -v qemu-system-x86_64 >/dev/null || \
-	  { apt-get update && apt-get install -y --no-install-recommends qemu-system-x86; }
+# Tables (and a PNG of the ratios) in benches/results/; beside QEMU, in the same run.
+bench: build guest
+	@command -v qemu-system-x86_64 >/dev/null && command -v gnuplot >/dev/null || \
+	  { apt-get update && apt-get install -y --no-install-recommends qemu-system-x86 gnuplot-nox; }
 	$(RELEASE)/hpcvm-bench
 
 clean:

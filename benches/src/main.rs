@@ -3,10 +3,14 @@
 //!
 //! Environment: `HPCVM_BENCH_RUNS` (start-up runs, default 30), `HPCVM_BENCH_RTT`
 //! (control requests, default 1000), `HPCVM_BENCH_PREFAULT_GIB` (default "1,4,8"),
-//! `HPCVM_BENCH_DESTROY_GIB` (default "1,8"), `HPCVM_BENCH_REPS` (default 3).
+//! `HPCVM_BENCH_DESTROY_GIB` (default "1,4,8"), `HPCVM_BENCH_REPS` (default 3),
+//! `HPCVM_BENCH_ONLY` (comma-separated: startup, control, prefault, destroy, boot,
+//! compute; default all).
 
 mod control;
+mod guest;
 mod memory;
+mod plot;
 mod startup;
 mod stats;
 
@@ -53,19 +57,43 @@ fn main() {
     let hpcvm = exe.with_file_name("hpcvm");
     let reps = env_num("HPCVM_BENCH_REPS", 3);
     let mut report = format!("## hpcvm benchmark\n\nMachine: {}\n\n", machine());
-    let sections: Vec<Box<dyn Fn() -> String>> = vec![
-        Box::new(|| startup::run(&hpcvm, env_num("HPCVM_BENCH_RUNS", 30))),
-        Box::new(|| control::run(&hpcvm, env_num("HPCVM_BENCH_RTT", 1000))),
-        Box::new(|| {
-            memory::prefault(
-                &hpcvm,
-                &env_sizes("HPCVM_BENCH_PREFAULT_GIB", "1,4,8"),
-                reps,
-            )
-        }),
-        Box::new(|| memory::destroy(&hpcvm, &env_sizes("HPCVM_BENCH_DESTROY_GIB", "1,8"), reps)),
+    type Section<'a> = (&'static str, Box<dyn Fn() -> String + 'a>);
+    let sections: Vec<Section> = vec![
+        (
+            "startup",
+            Box::new(|| startup::run(&hpcvm, env_num("HPCVM_BENCH_RUNS", 30))),
+        ),
+        (
+            "control",
+            Box::new(|| control::run(&hpcvm, env_num("HPCVM_BENCH_RTT", 1000))),
+        ),
+        (
+            "prefault",
+            Box::new(|| {
+                memory::prefault(
+                    &hpcvm,
+                    &env_sizes("HPCVM_BENCH_PREFAULT_GIB", "1,4,8"),
+                    reps,
+                )
+            }),
+        ),
+        (
+            "destroy",
+            Box::new(|| {
+                memory::destroy(&hpcvm, &env_sizes("HPCVM_BENCH_DESTROY_GIB", "1,4,8"), reps)
+            }),
+        ),
+        ("boot", Box::new(|| guest::boot(&hpcvm, reps))),
+        ("compute", Box::new(|| guest::compute(&hpcvm, reps))),
     ];
-    for section in sections {
+    let only = std::env::var("HPCVM_BENCH_ONLY").ok();
+    for (name, section) in sections {
+        if only
+            .as_deref()
+            .is_some_and(|o| !o.split(',').any(|x| x.trim() == name))
+        {
+            continue;
+        }
         let text = section();
         println!("{text}");
         report.push_str(&text);
@@ -75,5 +103,9 @@ fn main() {
     if std::fs::create_dir_all(&results).is_ok() {
         let _ = std::fs::write(results.join("latest.md"), &report);
         println!("(saved to {})", results.join("latest.md").display());
+        match plot::ratios(&report, &results.join("ratios.png")) {
+            Ok(p) => println!("(plot: {})", p.display()),
+            Err(e) => println!("(no plot: {e})"),
+        }
     }
 }

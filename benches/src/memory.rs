@@ -81,6 +81,43 @@ fn hello_first_output(hpcvm: &Path, memory: &str) -> Duration {
     d
 }
 
+/// QEMU microvm arguments for `gib` GiB of 2M hugetlb RAM from a memfd (no hugetlbfs
+/// mount here), preallocated or not.
+fn qemu_memory_args(gib: usize, prealloc: bool) -> Vec<String> {
+    vec![
+        "-m".into(),
+        format!("{gib}G"),
+        "-object".into(),
+        format!(
+            "memory-backend-memfd,id=ram,size={gib}G,hugetlb=on,hugetlbsize=2M,prealloc={}",
+            if prealloc { "on" } else { "off" }
+        ),
+        "-machine".into(),
+        "memory-backend=ram".into(),
+    ]
+}
+
+/// exec -> first output of QEMU microvm on the hello guest with `gib` GiB.
+fn qemu_hello_first_output(gib: usize, prealloc: bool) -> Option<Duration> {
+    let guest = hpcvm_tests::guest("hello");
+    let args = qemu_memory_args(gib, prealloc);
+    let mut cmd = crate::startup::qemu_microvm(
+        guest.to_str().unwrap(),
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    let t = Instant::now();
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    let line = first_line(&mut child);
+    let d = t.elapsed();
+    let _ = child.kill();
+    let _ = child.wait();
+    line.contains("hello").then_some(d)
+}
+
 /// The prefault section.
 pub fn prefault(hpcvm: &Path, sizes: &[usize], reps: usize) -> String {
     let mut t = Table::new(&[
@@ -89,6 +126,7 @@ pub fn prefault(hpcvm: &Path, sizes: &[usize], reps: usize) -> String {
         "MAP_POPULATE (GiB/s)",
         "ratio",
         "target",
+        "QEMU -mem-prealloc (GiB/s)",
     ]);
     for &gib in sizes {
         let _pool = Reservation::take((gib * 512) as u64);
@@ -97,19 +135,32 @@ pub fn prefault(hpcvm: &Path, sizes: &[usize], reps: usize) -> String {
         bare_map(gib);
         let mut hp = Vec::new();
         let mut bare = Vec::new();
+        let mut qp = Vec::new();
         for _ in 0..reps {
+            if let (Some(with), Some(without)) = (
+                qemu_hello_first_output(gib, true),
+                qemu_hello_first_output(gib, false),
+            ) {
+                qp.push(gib as f64 / with.saturating_sub(without).as_secs_f64().max(1e-6));
+            }
             let with = hello_first_output(hpcvm, &format!("{mem},prefault=on"));
             let without = hello_first_output(hpcvm, &mem);
             hp.push(gib as f64 / with.saturating_sub(without).as_secs_f64().max(1e-6));
             bare.push(gib as f64 / bare_map(gib).0.as_secs_f64());
         }
         let (h, b) = (stats(hp).median, stats(bare).median);
+        let q = if qp.is_empty() {
+            "not run".into()
+        } else {
+            format!("{:.2}", stats(qp).median)
+        };
         t.row(&[
             format!("{gib} GiB"),
             format!("{h:.2}"),
             format!("{b:.2}"),
             ratio(h, b),
             ">= 0.8x".into(),
+            q,
         ]);
     }
     format!(
@@ -159,6 +210,43 @@ fn hpcvm_destroy(hpcvm: &Path, gib: usize) -> (Duration, u64) {
     (d, rss)
 }
 
+/// QEMU microvm running the spin guest on `gib` GiB of preallocated 2M pages, told to
+/// `quit` over QMP: request -> exit.
+fn qemu_quit(gib: usize) -> Option<Duration> {
+    use std::os::unix::net::UnixStream;
+    let sock = std::env::temp_dir().join(format!("hpcvm-bench-qquit-{}.sock", std::process::id()));
+    let guest = hpcvm_tests::guest("spin");
+    let mut args = qemu_memory_args(gib, true);
+    args.push("-qmp".into());
+    args.push(format!("unix:{},server=on,wait=off", sock.display()));
+    let mut cmd = crate::startup::qemu_microvm(
+        guest.to_str().unwrap(),
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    if !first_line(&mut child).contains("spin: start") {
+        let _ = child.kill();
+        let _ = child.wait();
+        return None;
+    }
+    let s = UnixStream::connect(&sock).ok()?;
+    let mut r = BufReader::new(s.try_clone().ok()?);
+    let mut w = s;
+    let mut line = String::new();
+    r.read_line(&mut line).ok()?;
+    w.write_all(b"{\"execute\":\"qmp_capabilities\"}\n").ok()?;
+    line.clear();
+    r.read_line(&mut line).ok()?;
+    let t = Instant::now();
+    w.write_all(b"{\"execute\":\"quit\"}\n").ok()?;
+    let _ = child.wait();
+    Some(t.elapsed())
+}
+
 /// The destroy section.
 pub fn destroy(hpcvm: &Path, sizes: &[usize], reps: usize) -> String {
     let mut t = Table::new(&[
@@ -168,13 +256,18 @@ pub fn destroy(hpcvm: &Path, sizes: &[usize], reps: usize) -> String {
         "ratio",
         "target",
         "VMM RSS, guest RAM excluded (MiB)",
+        "QEMU quit -> exit (ms)",
     ]);
     for &gib in sizes {
         let _pool = Reservation::take((gib * 512) as u64);
         let mut hd = Vec::new();
         let mut bm = Vec::new();
         let mut rss = 0;
+        let mut qq = Vec::new();
         for _ in 0..reps {
+            if let Some(d) = qemu_quit(gib) {
+                qq.push(ms(d));
+            }
             let (d, r) = hpcvm_destroy(hpcvm, gib);
             hd.push(ms(d));
             rss = rss.max(r);
@@ -188,6 +281,11 @@ pub fn destroy(hpcvm: &Path, sizes: &[usize], reps: usize) -> String {
             ratio(h, b),
             "<= 1.5x".into(),
             format!("{:.2} (target <= 3)", rss as f64 / 1024.0),
+            if qq.is_empty() {
+                "not run".into()
+            } else {
+                format!("{:.1}", stats(qq).median)
+            },
         ]);
     }
     format!(
