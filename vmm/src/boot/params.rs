@@ -114,3 +114,79 @@ fn write_zero_page(
         mem,
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::{Bytes, GuestAddress};
+
+    fn mem() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 64 << 20)]).unwrap()
+    }
+
+    fn image(protocol: Protocol, initramfs: Option<(u64, u64)>) -> BootImage {
+        BootImage {
+            protocol,
+            entry: 0x100000,
+            kernel_end: 0x200000,
+            setup_header: None,
+            initramfs,
+            cmdline_len: 31,
+        }
+    }
+
+    #[test]
+    fn zero_page_has_loader_cmdline_initramfs_and_e820() {
+        let m = mem();
+        write(
+            &image(Protocol::Linux64, Some((0x3ff_f000, 0x1234))),
+            &m,
+            64 << 20,
+        )
+        .unwrap();
+        let bp: boot_params = m.read_obj(GuestAddress(ZERO_PAGE_START)).unwrap();
+        let hdr = bp.hdr;
+        assert_eq!({ hdr.boot_flag }, KERNEL_BOOT_FLAG_MAGIC);
+        assert_eq!({ hdr.header }, KERNEL_HDR_MAGIC);
+        assert_eq!({ hdr.type_of_loader }, KERNEL_LOADER_OTHER);
+        assert_eq!({ hdr.cmd_line_ptr }, CMDLINE_START as u32);
+        assert_eq!({ hdr.cmdline_size }, 31);
+        assert_eq!(
+            ({ hdr.ramdisk_image }, { hdr.ramdisk_size }),
+            (0x3ff_f000, 0x1234)
+        );
+        assert_eq!(bp.e820_entries, 3);
+        let e: Vec<(u64, u64, u32)> = bp.e820_table[..3]
+            .iter()
+            .map(|x| ({ x.addr }, { x.size }, { x.r#type }))
+            .collect();
+        assert_eq!(e, memory_map(64 << 20));
+    }
+
+    #[test]
+    fn pvh_start_info_points_at_memmap_cmdline_and_module() {
+        let m = mem();
+        write(&image(Protocol::Pvh, Some((0x3000_000, 777))), &m, 64 << 20).unwrap();
+        let si: hvm_start_info = m.read_obj(GuestAddress(PVH_INFO_START)).unwrap();
+        assert_eq!(si.magic, XEN_HVM_START_MAGIC);
+        assert_eq!(si.cmdline_paddr, CMDLINE_START);
+        assert_eq!((si.nr_modules, si.modlist_paddr), (1, PVH_MODLIST_START));
+        assert_eq!(si.memmap_entries, 3);
+        let module: hvm_modlist_entry = m.read_obj(GuestAddress(PVH_MODLIST_START)).unwrap();
+        assert_eq!((module.paddr, module.size), (0x3000_000, 777));
+        let last: hvm_memmap_table_entry =
+            m.read_obj(GuestAddress(PVH_MEMMAP_START + 2 * 24)).unwrap();
+        assert_eq!(
+            (last.addr, last.size, last.type_),
+            (0x100000, (64 << 20) - 0x100000, 1)
+        );
+    }
+
+    #[test]
+    fn pvh_without_initramfs_lists_no_module() {
+        let m = mem();
+        write(&image(Protocol::Pvh, None), &m, 64 << 20).unwrap();
+        let si: hvm_start_info = m.read_obj(GuestAddress(PVH_INFO_START)).unwrap();
+        assert_eq!((si.nr_modules, si.modlist_paddr), (0, 0));
+    }
+}
