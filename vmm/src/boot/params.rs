@@ -166,14 +166,14 @@ mod tests {
     #[test]
     fn pvh_start_info_points_at_memmap_cmdline_and_module() {
         let m = mem();
-        write(&image(Protocol::Pvh, Some((0x3000_000, 777))), &m, 64 << 20).unwrap();
+        write(&image(Protocol::Pvh, Some((0x0300_0000, 777))), &m, 64 << 20).unwrap();
         let si: hvm_start_info = m.read_obj(GuestAddress(PVH_INFO_START)).unwrap();
         assert_eq!(si.magic, XEN_HVM_START_MAGIC);
         assert_eq!(si.cmdline_paddr, CMDLINE_START);
         assert_eq!((si.nr_modules, si.modlist_paddr), (1, PVH_MODLIST_START));
         assert_eq!(si.memmap_entries, 3);
         let module: hvm_modlist_entry = m.read_obj(GuestAddress(PVH_MODLIST_START)).unwrap();
-        assert_eq!((module.paddr, module.size), (0x3000_000, 777));
+        assert_eq!((module.paddr, module.size), (0x0300_0000, 777));
         let last: hvm_memmap_table_entry =
             m.read_obj(GuestAddress(PVH_MEMMAP_START + 2 * 24)).unwrap();
         assert_eq!(
