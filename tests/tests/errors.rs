@@ -171,3 +171,24 @@ fn hugepage_pool_too_small_fails_before_boot_and_leaks_nothing() {
     );
     assert_eq!(after, before, "no hugepage kept");
 }
+
+#[test]
+fn a_job_without_a_built_guest_says_how_to_build_one() {
+    let out = std::process::Command::new(hpcvm_tests::proc::hpcvm_bin())
+        .args(["run", "--", "true"])
+        .env("HPCVM_GUEST_DIR", "/nonexistent/guest")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(IMAGE), "{err}");
+    assert!(
+        err.contains("No guest kernel at /nonexistent/guest/vmlinux: run `make guest`"),
+        "{err}"
+    );
+}
+
+#[test]
+fn initramfs_and_a_job_do_not_mix() {
+    let r = hpcvm(&["run", "--initramfs", "/x", "--", "true"]);
+    assert_fails(&r, CONFIG, "--initramfs cannot be combined with -- CMD");
+}

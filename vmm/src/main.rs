@@ -118,12 +118,34 @@ enum CtlRequest {
     Resume,
 }
 
-fn config_from(args: RunArgs) -> Result<VmConfig, String> {
+/// Why the command line cannot become a VM, with the exit status it gets.
+struct CliError {
+    code: u8,
+    message: String,
+}
+
+impl From<String> for CliError {
+    fn from(message: String) -> Self {
+        Self {
+            code: exit_code::CONFIG,
+            message,
+        }
+    }
+}
+
+impl From<&str> for CliError {
+    fn from(message: &str) -> Self {
+        message.to_string().into()
+    }
+}
+
+fn config_from(args: RunArgs) -> Result<VmConfig, CliError> {
     if !(args.grace_period.is_finite() && (0.0..=86_400.0).contains(&args.grace_period)) {
         return Err(format!(
             "Invalid --grace-period '{}': must be from 0 to 86400 seconds",
             args.grace_period
-        ));
+        )
+        .into());
     }
     let job = if args.command.is_empty() {
         if !args.files.is_empty() || !args.env.is_empty() {
@@ -138,8 +160,11 @@ fn config_from(args: RunArgs) -> Result<VmConfig, String> {
                     .into(),
             );
         }
-        let assets = assets::locate(&assets::guest_dir(), args.kernel.as_deref())
-            .map_err(|e| e.to_string())?;
+        let assets =
+            assets::locate(&assets::guest_dir(), args.kernel.as_deref()).map_err(|e| CliError {
+                code: exit_code::IMAGE,
+                message: e.to_string(),
+            })?;
         let env = args
             .env
             .iter()
@@ -217,7 +242,7 @@ fn config_from(args: RunArgs) -> Result<VmConfig, String> {
             verbose: args.verbose,
         })
     };
-    cfg().map_err(|e| e.to_string())
+    Ok(cfg().map_err(|e| e.to_string())?)
 }
 
 /// vCPUs and memory from this job's allocation (`--from-allocation`).
@@ -315,13 +340,8 @@ fn run(args: RunArgs) -> u8 {
     let cfg = match config_from(args) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("hpcvm: error: {e}");
-            let code = if e.starts_with("No guest") {
-                exit_code::IMAGE
-            } else {
-                exit_code::CONFIG
-            };
-            return report(code, None, &e);
+            eprintln!("hpcvm: error: {}", e.message);
+            return report(e.code, None, &e.message);
         }
     };
     match vmm::run(&cfg) {

@@ -166,7 +166,12 @@ mod tests {
     #[test]
     fn pvh_start_info_points_at_memmap_cmdline_and_module() {
         let m = mem();
-        write(&image(Protocol::Pvh, Some((0x0300_0000, 777))), &m, 64 << 20).unwrap();
+        write(
+            &image(Protocol::Pvh, Some((0x0300_0000, 777))),
+            &m,
+            64 << 20,
+        )
+        .unwrap();
         let si: hvm_start_info = m.read_obj(GuestAddress(PVH_INFO_START)).unwrap();
         assert_eq!(si.magic, XEN_HVM_START_MAGIC);
         assert_eq!(si.cmdline_paddr, CMDLINE_START);

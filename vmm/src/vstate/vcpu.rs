@@ -439,21 +439,10 @@ impl Vcpu {
         } else {
             linear
         };
-        let mut buf = [0u8; 15];
-        let mut n = 0;
-        while n < buf.len()
-            && self
-                .mem
-                .read_obj::<u8>(GuestAddress(phys + n as u64))
-                .is_ok()
-        {
-            buf[n] = self
-                .mem
-                .read_obj(GuestAddress(phys + n as u64))
-                .unwrap_or(0);
-            n += 1;
-        }
-        buf[..n].to_vec()
+        // Up to 15 bytes, fewer if the instruction runs off the end of guest RAM.
+        (0..15u64)
+            .map_while(|i| self.mem.read_obj::<u8>(GuestAddress(phys + i)).ok())
+            .collect()
     }
 }
 
