@@ -92,27 +92,12 @@ pub fn boot(hpcvm: &Path, reps: usize) -> String {
         .arg("--initramfs")
         .arg(&initrd);
         h.push(time_to_marker(c).expect("hpcvm boot").as_secs_f64());
-        let mut c = Command::new("qemu-system-x86_64");
-        c.args([
-            "-M",
-            "microvm,x-option-roms=off,rtc=off",
-            "-accel",
-            "kvm",
-            "-m",
-            "256M",
-            "-smp",
-            "1",
-            "-nodefaults",
-            "-no-user-config",
-            "-nographic",
-            "-serial",
-            "stdio",
-            "-kernel",
-        ])
-        .arg(&kernel)
-        .arg("-initrd")
-        .arg(&initrd)
-        .args(["-append", &cmdline()]);
+        let mut c = crate::startup::qemu_base("256M");
+        c.arg("-kernel")
+            .arg(&kernel)
+            .arg("-initrd")
+            .arg(&initrd)
+            .args(["-append", &cmdline()]);
         match time_to_marker(c) {
             Ok(d) => q.push(d.as_secs_f64()),
             Err(e) => qemu_err = Some(e),

@@ -49,31 +49,33 @@ fn measure(cmd: &mut Command, expect: &str) -> Result<Sample, String> {
     })
 }
 
-/// The QEMU microvm command for the same guest.
-pub fn qemu_microvm(guest: &str, extra: &[&str]) -> Command {
+/// QEMU microvm on KVM with no default devices and COM1 on stdout: the peer.
+pub fn qemu_base(memory: &str) -> Command {
     let mut c = Command::new("qemu-system-x86_64");
     c.args([
         "-M",
         "microvm,x-option-roms=off,rtc=off",
         "-accel",
         "kvm",
+        "-m",
+        memory,
+    ])
+    .args(["-smp", "1", "-nodefaults", "-no-user-config", "-nographic"])
+    .args(["-serial", "stdio"]);
+    c
+}
+
+/// QEMU microvm running a tiny test guest, which leaves through isa-debug-exit.
+pub fn qemu_microvm(guest: &str, extra: &[&str]) -> Command {
+    let mut c = qemu_base("128M");
+    c.args([
         "-cpu",
         "host",
-        "-m",
-        "128M",
-        "-smp",
-        "1",
-        "-nodefaults",
-        "-no-user-config",
-        "-nographic",
-        "-serial",
-        "stdio",
         "-device",
         "isa-debug-exit,iobase=0xf4,iosize=4",
-        "-kernel",
-        guest,
-    ]);
-    c.args(extra);
+    ])
+    .args(["-kernel", guest])
+    .args(extra);
     c
 }
 
