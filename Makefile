@@ -49,3 +49,11 @@ bench: build guest
 
 clean:
 	$(CARGO) clean
+
+# hpcvm under a real single-node Slurm on loopback (tests/slurm/): the test binary
+# installs slurm-wlm and munge if missing, starts the cluster, runs its jobs and stops
+# it again. About 2-3 minutes, most of it three real-guest boots and a 1-minute time limit.
+.PHONY: slurm-test
+slurm-test: deps guest
+	$(CARGO) build -p vmm --bin hpcvm
+	$(CARGO) test -p hpcvm-tests --test slurm -- --test-threads=1
