@@ -301,3 +301,20 @@ fn smp_guest_wakes_every_ap_with_init_sipi_sipi() {
     assert_eq!(r.code, Some(0), "stderr: {}", r.stderr);
     assert_eq!(r.stdout, "smp: bsp up\nsmp: 1 cpus up\n");
 }
+
+#[test]
+fn a_kernel_panic_on_the_console_is_a_crash_not_a_clean_exit() {
+    // bootinfo echoes its command line to COM1, so this puts Linux's panic line on the
+    // console right before the guest resets, as panic=-1 does after a real panic.
+    let r = boot(
+        "bootinfo",
+        &[
+            "--memory",
+            "32M",
+            "--cmdline",
+            "Kernel panic - not syncing: test",
+        ],
+    );
+    assert_eq!(r.code, Some(163), "stderr: {}", r.stderr);
+    assert!(r.stderr.contains("Guest kernel panicked"), "{}", r.stderr);
+}

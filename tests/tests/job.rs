@@ -159,6 +159,9 @@ fn sigterm_reaches_the_job_and_its_status_is_hpcvms() {
         "trap 'echo got-term; exit 7' TERM; echo ready; sleep 1000",
     ]);
     vm.wait_for_line("ready", JOB_TIMEOUT);
+    // busybox sh loses a SIGTERM that lands between its fork and exec of `sleep`, and
+    // fork+exec takes ~0.5 s in an emulated guest kernel: let the job reach its sleep.
+    std::thread::sleep(Duration::from_secs(2));
     let sent = Instant::now();
     signal(vm.pid(), libc::SIGTERM);
     vm.wait_for_line("got-term", Duration::from_secs(60));

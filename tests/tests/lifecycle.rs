@@ -68,7 +68,8 @@ fn sigterm_asks_then_grace_destroys() {
 fn second_sigterm_destroys_at_once() {
     let mut vm = spin(&["--cpus", "2", "--memory", "32M", "--grace-period", "60"]);
     signal(vm.pid(), libc::SIGTERM);
-    std::thread::sleep(Duration::from_millis(100));
+    // Past the 1 s in which a repeat counts as the same request.
+    std::thread::sleep(Duration::from_millis(1200));
     let sent = Instant::now();
     signal(vm.pid(), libc::SIGTERM);
     let (code, err, _) = vm.wait_exit(Duration::from_secs(30));
@@ -82,6 +83,41 @@ fn second_sigterm_destroys_at_once() {
         "{:?}",
         sent.elapsed()
     );
+}
+
+#[test]
+fn a_repeat_sigterm_within_a_second_is_the_same_request() {
+    // Slurm signals an srun step twice, ~20 ms apart, when its time limit expires.
+    let mut vm = spin(&["--memory", "32M", "--grace-period", "1"]);
+    signal(vm.pid(), libc::SIGTERM);
+    std::thread::sleep(Duration::from_millis(20));
+    signal(vm.pid(), libc::SIGTERM);
+    let (code, err, _) = vm.wait_exit(Duration::from_secs(30));
+    assert_eq!(
+        code,
+        Some(168),
+        "shut down, then destroyed after grace: {err}"
+    );
+}
+
+#[test]
+fn sigusr1_and_sighup_do_not_kill_hpcvm() {
+    let sock = socket_path("usr1");
+    let mut vm = spin(&["--memory", "32M", "--api-socket", sock.to_str().unwrap()]);
+    signal(vm.pid(), libc::SIGUSR1);
+    signal(vm.pid(), libc::SIGUSR2);
+    let r = ctl(&sock, &["status"]);
+    assert!(r.stdout.contains(r#""state":"running""#), "{}", r.stdout);
+    signal(vm.pid(), libc::SIGHUP);
+    let r = ctl(&sock, &["status"]);
+    assert!(
+        r.stdout.contains(r#""state":"shutting-down""#),
+        "SIGHUP is a shutdown: {}",
+        r.stdout
+    );
+    ctl(&sock, &["destroy"]);
+    let (code, _, _) = vm.wait_exit(Duration::from_secs(30));
+    assert_eq!(code, Some(169));
 }
 
 #[test]
@@ -102,6 +138,7 @@ fn sigint_behaves_like_sigterm_and_sigcont_is_harmless() {
         "{}",
         r.stdout
     );
+    std::thread::sleep(Duration::from_millis(1200));
     signal(vm.pid(), libc::SIGINT);
     let (code, err, _) = vm.wait_exit(Duration::from_secs(30));
     assert_eq!(code, Some(169), "{err}");

@@ -28,7 +28,7 @@ pub const PASSED_PREFIXES: &[&str] =
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum AllocationError {
     /// Nothing says how much memory the job has.
-    #[error("--from-allocation found no memory limit (no memory cgroup limit, no SLURM_MEM_PER_NODE): give --memory")]
+    #[error("--from-allocation found no memory limit (no memory cgroup limit, no SLURM_MEM_PER_NODE or SLURM_MEM_PER_CPU): give --memory")]
     NoMemoryLimit,
     /// The limit leaves no room for a guest.
     #[error("The job's memory limit ({limit_mib} MiB{per_task}) leaves no room for a guest after hpcvm's {reserve_mib} MiB reserve: give --memory")]
@@ -180,6 +180,13 @@ pub fn guest_memory(
     Ok(size)
 }
 
+/// Slurm's word on the job's memory in MiB: `SLURM_MEM_PER_NODE`, or
+/// `SLURM_MEM_PER_CPU` times the CPUs (srun exports only the latter).
+pub fn slurm_memory_mib(env: &dyn Fn(&str) -> Option<String>, cpus: u32) -> Option<u64> {
+    let num = |k| env(k).and_then(|v| v.trim().parse::<u64>().ok());
+    num("SLURM_MEM_PER_NODE").or_else(|| num("SLURM_MEM_PER_CPU").map(|m| m * u64::from(cpus)))
+}
+
 /// Tasks of this job step on this node (for `--per-task`).
 pub fn local_tasks(env: &dyn Fn(&str) -> Option<String>) -> u64 {
     let first_number = |v: String| {
@@ -314,6 +321,19 @@ mod tests {
         let got = passed_env(vars.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         let names: Vec<&str> = got.iter().map(|(k, _)| k.as_str()).collect();
         assert_eq!(names, ["OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID"]);
+    }
+
+    #[test]
+    fn slurm_memory_per_node_or_per_cpu() {
+        let env = |k: &str| (k == "SLURM_MEM_PER_CPU").then(|| "512".to_string());
+        assert_eq!(slurm_memory_mib(&env, 4), Some(2048));
+        let env = |k: &str| match k {
+            "SLURM_MEM_PER_NODE" => Some("1000".to_string()),
+            "SLURM_MEM_PER_CPU" => Some("512".to_string()),
+            _ => None,
+        };
+        assert_eq!(slurm_memory_mib(&env, 4), Some(1000));
+        assert_eq!(slurm_memory_mib(&|_| None, 4), None);
     }
 
     #[test]

@@ -119,6 +119,7 @@ pub fn run(config: &VmConfig) -> Result<Outcome, Error> {
         apic_ids: places.iter().map(|p| p.apic_id).collect(),
         i8042: legacy.i8042.clone(),
         agent: agent.zip(legacy.agent_port.clone()),
+        panicked: legacy.panicked.clone(),
     };
     let controller = Rc::new(RefCell::new(Controller::new(
         running,

@@ -18,7 +18,7 @@ pub const IMAGE: u8 = 161;
 /// The host cannot provide what was asked (no /dev/kvm, hugepage pool too small, more
 /// memory than the host has, KVM refused a setting).
 pub const HOST_RESOURCES: u8 = 162;
-/// The guest triple-faulted or reported a crash.
+/// The guest triple-faulted, its kernel panicked, or it reported a crash.
 pub const GUEST_CRASHED: u8 = 163;
 /// KVM could not emulate a guest instruction, or another KVM internal error.
 pub const EMULATION_FAILURE: u8 = 164;
@@ -46,7 +46,7 @@ pub const TABLE: &[(u8, &str)] = &[
     (CONFIG, "invalid configuration value"),
     (IMAGE, "kernel or initramfs unusable"),
     (HOST_RESOURCES, "host cannot provide the resources"),
-    (GUEST_CRASHED, "guest triple fault or crash"),
+    (GUEST_CRASHED, "guest triple fault, kernel panic or crash"),
     (EMULATION_FAILURE, "KVM emulation failure / internal error"),
     (VCPU_FAILURE, "vCPU entry failure or KVM_RUN error"),
     (INTERNAL, "hpcvm internal error"),
@@ -63,7 +63,9 @@ pub const TABLE: &[(u8, &str)] = &[
 pub fn for_exit(exit: &GuestExit) -> u8 {
     match exit {
         GuestExit::Reset | GuestExit::Poweroff | GuestExit::Halted => GUEST_EXITED,
-        GuestExit::TripleFault { .. } | GuestExit::Crash { .. } => GUEST_CRASHED,
+        GuestExit::TripleFault { .. } | GuestExit::Crash { .. } | GuestExit::KernelPanic => {
+            GUEST_CRASHED
+        }
         GuestExit::EmulationFailure { .. } | GuestExit::InternalError { .. } => EMULATION_FAILURE,
         GuestExit::EntryFailure { .. } | GuestExit::VcpuFault { .. } => VCPU_FAILURE,
     }

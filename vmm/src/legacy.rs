@@ -4,6 +4,7 @@
 
 use std::io::{self, Write};
 use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use devices::legacy::i8042::{I8042_BASE, I8042_PORTS, KBD_IRQ};
@@ -26,6 +27,8 @@ pub struct LegacyDevices {
     pub agent_port: Option<Arc<Mutex<AgentPort>>>,
     /// The i8042, for Ctrl-Alt-Del.
     pub i8042: Arc<Mutex<I8042>>,
+    /// Set once the guest kernel has announced a panic on COM1.
+    pub panicked: Arc<AtomicBool>,
     /// Fired by the i8042 when the guest resets the machine.
     pub reset_evt: EventFd,
 }
@@ -42,6 +45,8 @@ impl LegacyDevices {
         } else {
             Box::new(io::sink())
         };
+        let panicked = Arc::new(AtomicBool::new(false));
+        let out = Box::new(PanicWatch::new(out, panicked.clone()));
         let console = Arc::new(Mutex::new(Uart::new(EventFdTrigger::new(irq), out)));
         let reset_evt = EventFd::new(EFD_NONBLOCK).map_err(io_err("the reset eventfd"))?;
         let kbd_irq =
@@ -79,8 +84,55 @@ impl LegacyDevices {
             console,
             agent_port,
             i8042,
+            panicked,
             reset_evt,
         })
+    }
+}
+
+/// What Linux prints when it panics; with `panic=-1 reboot=k` the reset that follows
+/// would otherwise look like a clean exit.
+const PANIC_MARK: &[u8] = b"Kernel panic - not syncing";
+
+/// Passes console output on and notes a kernel panic in it.
+struct PanicWatch {
+    inner: Box<dyn Write + Send>,
+    tail: Vec<u8>,
+    panicked: Arc<AtomicBool>,
+}
+
+impl PanicWatch {
+    fn new(inner: Box<dyn Write + Send>, panicked: Arc<AtomicBool>) -> Self {
+        Self {
+            inner,
+            tail: Vec::with_capacity(2 * PANIC_MARK.len()),
+            panicked,
+        }
+    }
+
+    fn scan(&mut self, buf: &[u8]) {
+        for &b in buf {
+            if self.tail.len() == PANIC_MARK.len() {
+                self.tail.remove(0);
+            }
+            self.tail.push(b);
+            if self.tail == PANIC_MARK {
+                self.panicked.store(true, Ordering::Release);
+            }
+        }
+    }
+}
+
+impl Write for PanicWatch {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.scan(buf);
+        // A closed stdout must not stop the guest: the bytes are dropped.
+        let _ = self.inner.write_all(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
     }
 }
 
@@ -100,5 +152,30 @@ impl Write for RawStdout {
 
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panic_line_is_noticed_even_split_across_writes() {
+        let flag = Arc::new(AtomicBool::new(false));
+        let mut w = PanicWatch::new(Box::new(io::sink()), flag.clone());
+        w.write_all(b"[  1.0] Kernel pan").unwrap();
+        assert!(!flag.load(Ordering::Acquire));
+        w.write_all(b"ic - not syncing: Attempted to kill init!\n")
+            .unwrap();
+        assert!(flag.load(Ordering::Acquire));
+    }
+
+    #[test]
+    fn ordinary_output_is_not_a_panic() {
+        let flag = Arc::new(AtomicBool::new(false));
+        let mut w = PanicWatch::new(Box::new(io::sink()), flag.clone());
+        w.write_all(b"Kernel panic - not synced? no: Kernel panic- not syncing")
+            .unwrap();
+        assert!(!flag.load(Ordering::Acquire));
     }
 }

@@ -265,21 +265,33 @@ fn from_allocation(
     } else {
         1
     };
+    // `--memory` with a size wins; options alone (hugepages=2M,prefault=on) apply to
+    // the allocation's size.
+    let sized = memory
+        .is_some_and(|m| m.starts_with(|c: char| c.is_ascii_digit()) || m.starts_with("size="));
     let (memory, source) = match memory {
-        Some(m) => (
+        Some(m) if sized => (
             m.parse::<MemoryConfig>().map_err(|e| e.to_string())?,
             "--memory".to_string(),
         ),
-        None => {
+        options => {
+            let options = options.map(|o| format!(",{o}")).unwrap_or_default();
+            // The page size decides the rounding; learn it from the options first.
+            let page = format!("1G{options}")
+                .parse::<MemoryConfig>()
+                .map_err(|e| e.to_string())?
+                .hugepages
+                .bytes()
+                .max(2 << 20);
             let cgroup = std::fs::read_to_string("/proc/self/cgroup")
                 .ok()
                 .and_then(|t| allocation::cgroup_memory_limit(&t, Path::new("/sys/fs/cgroup")));
-            let slurm = env("SLURM_MEM_PER_NODE").and_then(|v| v.parse().ok());
-            let size = allocation::guest_memory(cgroup, slurm, tasks, 2 << 20)
-                .map_err(|e| e.to_string())?;
+            let slurm = allocation::slurm_memory_mib(&env, cpus.count);
+            let size =
+                allocation::guest_memory(cgroup, slurm, tasks, page).map_err(|e| e.to_string())?;
             let from = match cgroup {
                 Some(l) => format!("memory cgroup limit {} MiB", l >> 20),
-                None => format!("SLURM_MEM_PER_NODE {} MiB", slurm.unwrap_or(0)),
+                None => format!("Slurm's {} MiB", slurm.unwrap_or(0)),
             };
             let share = if tasks > 1 {
                 format!(" / {tasks} tasks")
@@ -287,10 +299,9 @@ fn from_allocation(
                 String::new()
             };
             (
-                MemoryConfig {
-                    size,
-                    ..MemoryConfig::default()
-                },
+                format!("{}K{options}", size >> 10)
+                    .parse::<MemoryConfig>()
+                    .map_err(|e| e.to_string())?,
                 format!(
                     "{from}{share} - {} MiB reserve",
                     allocation::VMM_RESERVE >> 20

@@ -104,6 +104,8 @@ pub struct RunningVm {
     pub i8042: Arc<Mutex<I8042>>,
     /// The guest agent channel, when a job runs.
     pub agent: Option<(Arc<AgentLink>, Arc<Mutex<AgentPort>>)>,
+    /// Set when the guest kernel announced a panic on its console.
+    pub panicked: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Drives the VM's lifecycle; the control loop's subscribers call into it.
@@ -113,6 +115,7 @@ pub struct Controller {
     apic_ids: Vec<u32>,
     i8042: Arc<Mutex<I8042>>,
     agent: Option<(Arc<AgentLink>, Arc<Mutex<AgentPort>>)>,
+    panicked: Arc<std::sync::atomic::AtomicBool>,
     default_grace: Duration,
     grace_timer: TimerFd,
     state: State,
@@ -135,6 +138,7 @@ impl Controller {
             apic_ids: parts.apic_ids,
             i8042: parts.i8042,
             agent: parts.agent,
+            panicked: parts.panicked,
             default_grace,
             grace_timer,
             state: State::Running,
@@ -209,6 +213,16 @@ impl Controller {
         Ok(json!({"state": self.state_name(), "grace_left_s": left.as_secs_f64()}))
     }
 
+    /// Passes `sig` on to the guest job's process group (ignored without a job).
+    pub fn forward_signal(&mut self, sig: libc::c_int) {
+        if let (Some((link, port)), Ok(sig)) = (&self.agent, u8::try_from(sig)) {
+            link.signal(sig);
+            port.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .flush_to_guest();
+        }
+    }
+
     /// True while a shutdown is under way.
     pub fn shutting_down(&self) -> bool {
         matches!(self.state, State::ShuttingDown { .. })
@@ -242,7 +256,10 @@ impl Controller {
         if self.outcome.is_some() {
             return;
         }
-        let exit = self.shared.exit().unwrap_or(GuestExit::Reset);
+        let mut exit = self.shared.exit().unwrap_or(GuestExit::Reset);
+        if exit == GuestExit::Reset && self.panicked.load(std::sync::atomic::Ordering::Acquire) {
+            exit = GuestExit::KernelPanic;
+        }
         if let Some((link, _)) = &self.agent {
             let report = link.report();
             self.outcome = Some(match (report.error, report.exit) {

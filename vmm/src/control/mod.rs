@@ -10,6 +10,7 @@ use std::cell::RefCell;
 use std::os::fd::AsRawFd;
 use std::rc::Rc;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use devices::legacy::Uart;
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
@@ -42,6 +43,8 @@ struct LifecycleEvents {
     vcpu_evt: EventFd,
     reset_evt: EventFd,
     signals: StopSignals,
+    /// When the first stop signal arrived.
+    first_stop: Option<Instant>,
 }
 
 impl MutEventSubscriber for LifecycleEvents {
@@ -70,8 +73,18 @@ impl MutEventSubscriber for LifecycleEvents {
             ctl.guest_stopped();
         } else if fd == self.signals.as_raw_fd() {
             while let Some(sig) = self.signals.next() {
+                if signals::FORWARDED_SIGNALS.contains(&sig) {
+                    ctl.forward_signal(sig);
+                    continue;
+                }
+                let repeat = self
+                    .first_stop
+                    .is_some_and(|t| t.elapsed() < signals::REPEAT_WINDOW);
+                self.first_stop.get_or_insert_with(Instant::now);
                 if ctl.shutting_down() {
-                    ctl.destroy(&format!("second {}", signals::name(sig)));
+                    if !repeat {
+                        ctl.destroy(&format!("second {}", signals::name(sig)));
+                    }
                 } else if let Err(e) = ctl.shutdown(None) {
                     eprintln!("hpcvm: {}: {e}", signals::name(sig));
                 }
@@ -94,6 +107,7 @@ pub fn run(ctl: Rc<RefCell<Controller>>, inputs: LoopInputs<'_>) -> Result<(), E
         vcpu_evt: inputs.vcpu_evt,
         reset_evt: inputs.reset_evt,
         signals: inputs.signals,
+        first_stop: None,
     }));
     if let Some(api) = inputs.api {
         let handler: Rc<RefCell<dyn Handler>> = ctl.clone();

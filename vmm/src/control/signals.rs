@@ -1,16 +1,33 @@
-//! SIGTERM and SIGINT as control-loop events (signalfd): the first asks the guest to
-//! shut down, the next destroys it. The signals are blocked in every thread before any
-//! is started, so they only ever arrive here; SIGCONT keeps its harmless default.
+//! Signals as control-loop events (signalfd), blocked in every thread before any is
+//! started so they only ever arrive here:
+//! - SIGTERM, SIGINT, SIGHUP: the first asks the guest to shut down, a later one
+//!   destroys it. A repeat within [`REPEAT_WINDOW`] counts as the same request: on a
+//!   time limit slurmd sends the step SIGTERM twice, ~20 ms apart.
+//! - SIGUSR1, SIGUSR2: passed on to the guest job (`sbatch --signal=USR1@T` warns a
+//!   job before its time limit); without a job they are ignored.
+//! - SIGCONT keeps its harmless default.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 /// The signals that mean "stop the job".
-pub const STOP_SIGNALS: [libc::c_int; 2] = [libc::SIGTERM, libc::SIGINT];
+pub const STOP_SIGNALS: [libc::c_int; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP];
+/// The signals passed on to the guest job.
+pub const FORWARDED_SIGNALS: [libc::c_int; 2] = [libc::SIGUSR1, libc::SIGUSR2];
+/// Every signal the control loop takes.
+const HANDLED: [libc::c_int; 5] = [
+    libc::SIGTERM,
+    libc::SIGINT,
+    libc::SIGHUP,
+    libc::SIGUSR1,
+    libc::SIGUSR2,
+];
+/// A stop signal this soon after the first one is the same request, not a second.
+pub const REPEAT_WINDOW: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// Blocks the stop signals in the calling thread (and so in every thread it starts).
+/// Blocks the handled signals in the calling thread (and every thread it starts).
 pub fn block_stop_signals() -> io::Result<()> {
-    let set = sigset(&STOP_SIGNALS);
+    let set = sigset(&HANDLED);
     // SAFETY: `set` is an initialised sigset; the old mask is not wanted.
     let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
     if rc != 0 {
@@ -38,7 +55,7 @@ pub struct StopSignals(OwnedFd);
 impl StopSignals {
     /// Opens the signalfd (the signals must already be blocked).
     pub fn new() -> io::Result<Self> {
-        let set = sigset(&STOP_SIGNALS);
+        let set = sigset(&HANDLED);
         // SAFETY: `set` is a valid sigset; -1 asks for a new descriptor.
         let fd = unsafe { libc::signalfd(-1, &set, libc::SFD_NONBLOCK | libc::SFD_CLOEXEC) };
         if fd < 0 {
@@ -48,7 +65,7 @@ impl StopSignals {
         Ok(Self(unsafe { OwnedFd::from_raw_fd(fd) }))
     }
 
-    /// The next pending stop signal's number, if any.
+    /// The next pending signal's number, if any.
     pub fn next(&self) -> Option<libc::c_int> {
         // SAFETY: signalfd_siginfo is plain data.
         let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
@@ -76,6 +93,9 @@ pub fn name(sig: libc::c_int) -> &'static str {
     match sig {
         libc::SIGTERM => "SIGTERM",
         libc::SIGINT => "SIGINT",
+        libc::SIGHUP => "SIGHUP",
+        libc::SIGUSR1 => "SIGUSR1",
+        libc::SIGUSR2 => "SIGUSR2",
         _ => "signal",
     }
 }

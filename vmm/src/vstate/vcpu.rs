@@ -29,6 +29,8 @@ pub enum GuestExit {
     Poweroff,
     /// A vCPU halted with no interrupt controller to wake it.
     Halted,
+    /// The guest kernel panicked (seen on its console), then reset (`panic=-1`).
+    KernelPanic,
     /// A vCPU triple-faulted (KVM_EXIT_SHUTDOWN).
     TripleFault {
         /// The vCPU index.
@@ -77,6 +79,10 @@ impl std::fmt::Display for GuestExit {
             GuestExit::Reset => write!(f, "Guest reset the machine"),
             GuestExit::Poweroff => write!(f, "Guest powered off"),
             GuestExit::Halted => write!(f, "Guest halted"),
+            GuestExit::KernelPanic => write!(
+                f,
+                "Guest kernel panicked (its console says why: run with --verbose)"
+            ),
             GuestExit::TripleFault { vcpu } => {
                 write!(f, "vCPU {vcpu} triple-faulted (KVM shutdown exit)")
             }
