@@ -39,11 +39,13 @@ fn round_trips(s: UnixStream, req: &[u8], ok: &str, n: usize) -> Result<Vec<f64>
     Ok(v)
 }
 
-struct Killed(Child);
+/// A VMM killed (and its socket file removed: SIGKILL leaves it) when dropped.
+struct Killed(Child, std::path::PathBuf);
 impl Drop for Killed {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
+        let _ = std::fs::remove_file(&self.1);
     }
 }
 
@@ -64,6 +66,7 @@ fn hpcvm_rtt(hpcvm: &Path, n: usize) -> Result<Vec<f64>, String> {
             .stdout(Stdio::null())
             .spawn()
             .map_err(|e| e.to_string())?,
+        sock.clone(),
     );
     let s = wait_for_socket(&sock)?;
     round_trips(s, b"{\"cmd\":\"status\"}\n", "\"ok\":true", n)
@@ -78,6 +81,7 @@ fn qemu_rtt(n: usize) -> Result<Vec<f64>, String> {
         cmd.stdout(Stdio::null())
             .spawn()
             .map_err(|e| e.to_string())?,
+        sock.clone(),
     );
     let s = wait_for_socket(&sock)?;
     let mut w = s.try_clone().map_err(|e| e.to_string())?;

@@ -164,17 +164,31 @@ pub fn compute(hpcvm: &Path, reps: usize) -> String {
     let busybox = dir.join("busybox");
     let script = loop_script(3_000_000);
     let (mut h, mut g) = (Vec::new(), Vec::new());
+    let mut stalled = 0;
     for _ in 0..reps {
         let host = Command::new(&busybox)
             .args(["sh", "-c", &script])
             .output()
             .unwrap();
         h.push(elapsed(&String::from_utf8_lossy(&host.stdout)).expect("host loop"));
-        let guest = Command::new(hpcvm)
+        // A deadline: on an idle software-KVM host, guest timer wake-ups were seen to
+        // come so late that a job guest crawled (see README, Performance).
+        let guest = Command::new("timeout")
+            .args(["120"])
+            .arg(hpcvm)
             .args(["run", "--memory", "256M", "--", "/bin/sh", "-c", &script])
             .output()
             .unwrap();
-        g.push(elapsed(&String::from_utf8_lossy(&guest.stdout)).expect("guest loop"));
+        match elapsed(&String::from_utf8_lossy(&guest.stdout)) {
+            Some(e) if guest.status.success() => g.push(e),
+            _ => stalled += 1,
+        }
+    }
+    if g.is_empty() {
+        return format!(
+            "### In-guest compute\n\nNot measured: all {reps} guest runs missed their 120 s \
+             deadline (host idle: guest timer wake-ups arrive late on this software KVM).\n"
+        );
     }
     let (hs, gs) = (stats(h), stats(g));
     let mut t = Table::new(&[
@@ -191,7 +205,7 @@ pub fn compute(hpcvm: &Path, reps: usize) -> String {
     ]);
     format!(
         "### In-guest compute\n\nA ring-3 loop timed by itself (/proc/uptime) inside `hpcvm run -- /bin/sh -c ...` \
-         and with the same busybox on the host, {reps} runs each.\n\n{}",
+         and with the same busybox on the host, {reps} runs each ({stalled} guest runs missed their deadline).\n\n{}",
         t.finish()
     )
 }

@@ -206,6 +206,10 @@ fn hpcvm_destroy(hpcvm: &Path, gib: usize) -> (Duration, u64) {
     let st = child.wait().unwrap();
     let d = t.elapsed();
     assert_eq!(st.code(), Some(169));
+    assert!(
+        !sock.exists(),
+        "hpcvm removes its API socket when destroyed"
+    );
     assert_eq!(free_2m(), before, "hugepages back in the pool at exit");
     (d, rss)
 }
@@ -244,7 +248,9 @@ fn qemu_quit(gib: usize) -> Option<Duration> {
     let t = Instant::now();
     w.write_all(b"{\"execute\":\"quit\"}\n").ok()?;
     let _ = child.wait();
-    Some(t.elapsed())
+    let d = t.elapsed();
+    let _ = std::fs::remove_file(&sock);
+    Some(d)
 }
 
 /// The destroy section.

@@ -212,6 +212,8 @@ fn status_reports_vcpus_pinning_threads_and_memory() {
     let r = ctl(&sock, &["status"]);
     let pid = vm.pid();
     vm.kill();
+    // SIGKILL leaves the socket file behind (by design); the test cleans it up.
+    std::fs::remove_file(&sock).unwrap();
     assert_eq!(r.code, Some(0));
     for needle in [
         format!(r#""pid":{pid}"#),
