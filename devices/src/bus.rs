@@ -111,9 +111,10 @@ impl PioBus {
     }
 }
 
-/// A poisoned device lock means another vCPU thread panicked inside the device; the
-/// device state is still the best we have, so keep serving it rather than cascading.
-fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+/// Locks `m`, taking the state even if a thread panicked while holding it: for device
+/// and VMM state that is still the best there is, so keep serving it rather than
+/// cascading the panic.
+pub fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 

@@ -8,5 +8,5 @@ pub mod bus;
 pub mod legacy;
 pub mod trigger;
 
-pub use bus::{PioBus, PioDevice};
+pub use bus::{lock, PioBus, PioDevice};
 pub use trigger::EventFdTrigger;

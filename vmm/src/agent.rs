@@ -8,7 +8,7 @@ use std::os::fd::AsFd;
 use std::sync::{Arc, Mutex};
 
 use devices::legacy::Uart;
-use devices::PioDevice;
+use devices::{lock, PioDevice};
 use hpcvm_agent::{frame, kind, Decoder, JobError, JobExit, JobSpec};
 
 /// What the control loop needs to know about the job.
@@ -96,10 +96,6 @@ impl AgentLink {
             _ => {}
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Writes all of `data` to `fd` unbuffered; a closed stdout/stderr drops the data (the

@@ -27,7 +27,7 @@ impl MutEventSubscriber for ConsoleInput {
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         let mut buf = [0u8; 64];
-        let mut console = self.console.lock().unwrap_or_else(|p| p.into_inner());
+        let mut console = devices::lock(&self.console);
         let room = console.input_room().min(buf.len());
         if room == 0 {
             return; // the guest has not drained its FIFO yet; try on the next wake-up

@@ -186,15 +186,9 @@ impl Controller {
             // The job gets SIGTERM, as if it ran on the host.
             Some((link, port)) => {
                 link.signal(libc::SIGTERM as u8);
-                port.lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .flush_to_guest();
+                devices::lock(port).flush_to_guest();
             }
-            None => self
-                .i8042
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .ctrl_alt_del(),
+            None => devices::lock(&self.i8042).ctrl_alt_del(),
         }
         let now = Instant::now();
         let asked = now + grace.unwrap_or(self.default_grace);
@@ -217,9 +211,7 @@ impl Controller {
     pub fn forward_signal(&mut self, sig: libc::c_int) {
         if let (Some((link, port)), Ok(sig)) = (&self.agent, u8::try_from(sig)) {
             link.signal(sig);
-            port.lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .flush_to_guest();
+            devices::lock(port).flush_to_guest();
         }
     }
 

@@ -141,7 +141,7 @@ impl VcpuShared {
     }
 
     fn pause_state(&self) -> std::sync::MutexGuard<'_, PauseState> {
-        self.pause.lock().unwrap_or_else(|p| p.into_inner())
+        devices::lock(&self.pause)
     }
 
     /// Asks every vCPU to park at its next exit (kick them to make that now).
@@ -189,7 +189,7 @@ impl VcpuShared {
 
     /// Records how the guest ended (the first report wins) and wakes the control loop.
     pub fn record(&self, exit: GuestExit) {
-        let mut slot = self.exit.lock().unwrap_or_else(|p| p.into_inner());
+        let mut slot = devices::lock(&self.exit);
         if slot.is_none() {
             *slot = Some(exit);
         }
@@ -200,7 +200,7 @@ impl VcpuShared {
 
     /// The recorded exit, if any.
     pub fn exit(&self) -> Option<GuestExit> {
-        self.exit.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        devices::lock(&self.exit).clone()
     }
 }
 
@@ -221,7 +221,7 @@ struct GateState {
 impl StartGate {
     /// Waits until `n` vCPU threads have arrived (pinned), then lets them run.
     pub fn open_when_arrived(&self, n: usize) {
-        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut s = devices::lock(&self.state);
         while s.arrived < n {
             s = self.cond.wait(s).unwrap_or_else(|p| p.into_inner());
         }
@@ -231,12 +231,12 @@ impl StartGate {
 
     /// Tells every vCPU thread, arrived or not, to return without running the guest.
     pub fn abort(&self) {
-        self.state.lock().unwrap_or_else(|p| p.into_inner()).go = Some(false);
+        devices::lock(&self.state).go = Some(false);
         self.cond.notify_all();
     }
 
     fn arrive_and_wait(&self) -> bool {
-        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut s = devices::lock(&self.state);
         s.arrived += 1;
         self.cond.notify_all();
         loop {
