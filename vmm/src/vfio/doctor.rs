@@ -1,0 +1,570 @@
+//! `hpcvm doctor`: a preflight report on whether this host can run what is asked (KVM,
+//! hugepages, IOMMU, passthrough devices, memlock), one line per check with its fix.
+
+use std::fs::OpenOptions;
+use std::io::ErrorKind;
+use std::path::Path;
+
+use super::host::{self, HostError, HostPaths, Memlock, PassthroughAccess, IOMMU_FIX};
+use crate::config::{HugePageSize, MemoryConfig};
+use crate::memory::HugePagePool;
+
+/// What `hpcvm doctor` is asked to check beyond the basics.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Request {
+    /// `--device` specs (BDF or sysfs path).
+    pub devices: Vec<String>,
+    /// `--memory`, parsed.
+    pub memory: Option<MemoryConfig>,
+}
+
+/// How a check came out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    /// Works.
+    Ok,
+    /// Works, with a caveat.
+    Warn,
+    /// Something asked for cannot work.
+    Fail,
+}
+
+/// One line of the report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Check {
+    /// The verdict.
+    pub status: Status,
+    /// What was checked (`kvm`, `hugepages 2M`, `device 3b:00.2`).
+    pub name: String,
+    /// What was found.
+    pub finding: String,
+    /// What to do, for warn and FAIL.
+    pub fix: Option<String>,
+}
+
+impl Check {
+    fn ok(name: impl Into<String>, finding: impl Into<String>) -> Self {
+        Self::new(Status::Ok, name, finding, None)
+    }
+
+    fn new(
+        status: Status,
+        name: impl Into<String>,
+        finding: impl Into<String>,
+        fix: Option<String>,
+    ) -> Self {
+        Self {
+            status,
+            name: name.into(),
+            finding: finding.into(),
+            fix,
+        }
+    }
+
+    fn from_error(status: Status, name: impl Into<String>, e: &HostError) -> Self {
+        Self::new(status, name, e.problem(), Some(e.fix()))
+    }
+}
+
+/// Runs every check for `request` on the host at `paths`.
+pub fn checks(paths: &HostPaths, request: &Request) -> Vec<Check> {
+    checks_with(paths, request, Memlock::read(paths))
+}
+
+fn checks_with(
+    paths: &HostPaths,
+    request: &Request,
+    memlock: Result<Memlock, HostError>,
+) -> Vec<Check> {
+    let mut out = kvm(paths);
+    out.extend(hugepages(paths, request.memory));
+    let passthrough = !request.devices.is_empty();
+    let needed = if passthrough {
+        Status::Fail
+    } else {
+        Status::Warn
+    };
+    let groups =
+        std::fs::read_dir(paths.sys.join("kernel/iommu_groups")).map_or(0, Iterator::count);
+    out.push(if host::iommu_enabled(paths) {
+        Check::ok("iommu", format!("enabled ({groups} IOMMU groups)"))
+    } else {
+        let finding = "off (no IOMMU groups): no device can be passed through";
+        Check::new(needed, "iommu", finding, Some(IOMMU_FIX.into()))
+    });
+    out.push(if paths.sys.join("bus/pci/drivers/vfio-pci").is_dir() {
+        Check::ok("vfio-pci", "loaded")
+    } else {
+        let fix = Some("modprobe vfio-pci".to_string());
+        Check::new(needed, "vfio-pci", "the vfio-pci module is not loaded", fix)
+    });
+    for spec in &request.devices {
+        out.extend(device(paths, spec, request.memory));
+    }
+    if passthrough {
+        let guest_ram = request.memory.unwrap_or_default().size;
+        out.push(match memlock.and_then(|m| m.check(guest_ram).map(|()| m)) {
+            Ok(m) => Check::ok("memlock", memlock_finding(m, guest_ram)),
+            Err(e) => Check::from_error(Status::Fail, "memlock", &e),
+        });
+    }
+    out
+}
+
+fn memlock_finding(m: Memlock, guest_ram: u64) -> String {
+    let ram = host::fmt_mib(guest_ram);
+    match m.limit {
+        None => format!("unlimited, VFIO may pin all {ram} of guest RAM"),
+        Some(l) if m.cap_ipc_lock => {
+            format!(
+                "CAP_IPC_LOCK lifts the {} limit for {ram}",
+                host::fmt_mib(l)
+            )
+        }
+        Some(l) => format!("{} covers {ram} of guest RAM", host::fmt_mib(l)),
+    }
+}
+
+fn kvm(paths: &HostPaths) -> Vec<Check> {
+    let node = paths.dev.join("kvm");
+    let open = match OpenOptions::new().read(true).write(true).open(&node) {
+        Ok(_) => Check::ok("kvm", format!("{} opens", node.display())),
+        Err(e) if e.kind() == ErrorKind::NotFound => Check::new(
+            Status::Fail,
+            "kvm",
+            format!("{} is missing", node.display()),
+            Some(
+                "load KVM (modprobe kvm_intel or kvm_amd) and enable VT-x / AMD-V in the \
+                 firmware"
+                    .into(),
+            ),
+        ),
+        Err(e) => Check::new(
+            Status::Fail,
+            "kvm",
+            format!("cannot open {}: {e}", node.display()),
+            Some("add the user to the kvm group (usermod -aG kvm $USER) or run as root".into()),
+        ),
+    };
+    let cpuinfo = std::fs::read_to_string(paths.proc_dir.join("cpuinfo")).unwrap_or_default();
+    let flag = cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("flags"))
+        .flat_map(str::split_whitespace)
+        .find(|f| *f == "vmx" || *f == "svm");
+    let kind = if paths.sys.join("module/kvm_pvm").exists() {
+        Check::new(
+            Status::Warn,
+            "kvm kind",
+            "software KVM (kvm_pvm): guest ring-0 code is emulated, fine for tests, not for \
+             production",
+            Some("run production jobs on a host with VT-x / AMD-V".into()),
+        )
+    } else if let Some(f) = flag {
+        Check::ok("kvm kind", format!("hardware ({f})"))
+    } else {
+        Check::new(
+            Status::Warn,
+            "kvm kind",
+            "no vmx or svm among the CPU flags",
+            Some("enable VT-x / AMD-V in the firmware (or nested virtualization)".into()),
+        )
+    };
+    vec![open, kind]
+}
+
+fn size_name(kib: u64) -> String {
+    match kib {
+        2048 => "2M".into(),
+        1_048_576 => "1G".into(),
+        k => format!("{k}K"),
+    }
+}
+
+fn kib_of(size: HugePageSize) -> u64 {
+    size.bytes() >> 10
+}
+
+fn read_u64(path: &Path) -> Option<u64> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// Free pages of the `kib` pool on each NUMA node, by node.
+fn per_node_free(paths: &HostPaths, kib: u64) -> Vec<(u32, u64)> {
+    let nodes = paths.sys.join("devices/system/node");
+    let mut out: Vec<(u32, u64)> = std::fs::read_dir(&nodes)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| {
+            let e = e.ok()?;
+            let n = e.file_name().to_str()?.strip_prefix("node")?.parse().ok()?;
+            let f = format!("hugepages/hugepages-{kib}kB/free_hugepages");
+            Some((n, read_u64(&e.path().join(f))?))
+        })
+        .collect();
+    out.sort_unstable();
+    out
+}
+
+fn hugepages(paths: &HostPaths, memory: Option<MemoryConfig>) -> Vec<Check> {
+    let root = paths.sys.join("kernel/mm/hugepages");
+    let mut sizes: Vec<u64> = std::fs::read_dir(&root)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.ok()?.file_name();
+            name.to_str()?
+                .strip_prefix("hugepages-")?
+                .strip_suffix("kB")?
+                .parse()
+                .ok()
+        })
+        .collect();
+    sizes.sort_unstable();
+    let mut out = Vec::new();
+    let asked = memory.filter(|m| m.hugepages.is_hugetlb());
+    for &kib in &sizes {
+        let dir = root.join(format!("hugepages-{kib}kB"));
+        let (nr, free) = (
+            read_u64(&dir.join("nr_hugepages")),
+            read_u64(&dir.join("free_hugepages")),
+        );
+        let nodes: Vec<String> = per_node_free(paths, kib)
+            .iter()
+            .map(|(n, f)| format!("node{n}: {f}"))
+            .collect();
+        let nodes = if nodes.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", nodes.join(", "))
+        };
+        let name = format!("hugepages {}", size_name(kib));
+        let finding = format!("{} of {} free{nodes}", free.unwrap_or(0), nr.unwrap_or(0));
+        match asked {
+            Some(m) if kib_of(m.hugepages) == kib => out.push(asked_pool(paths, m)),
+            _ => out.push(Check::ok(name, finding)),
+        }
+    }
+    if sizes.is_empty() && asked.is_none() {
+        out.push(Check::ok(
+            "hugepages",
+            "no hugetlb pools (only hugepages=2M|1G needs one)",
+        ));
+    }
+    if let Some(m) = asked.filter(|m| !sizes.contains(&kib_of(m.hugepages))) {
+        out.push(asked_pool(paths, m));
+    }
+    out
+}
+
+/// The pool `--memory ...,hugepages=` draws from: FAIL unless it holds the guest.
+fn asked_pool(paths: &HostPaths, m: MemoryConfig) -> Check {
+    let size = m.hugepages.name();
+    let name = format!("hugepages {size}");
+    let kib = kib_of(m.hugepages);
+    let pool = match HugePagePool::read_from(&paths.sys.join("kernel/mm/hugepages"), m.hugepages) {
+        Ok(p) => p,
+        Err(e) => {
+            let fix = format!("use another page size, or a kernel and CPU with {size} pages");
+            return Check::new(Status::Fail, name, e.to_string(), Some(fix));
+        }
+    };
+    let needed = m.size.div_ceil(m.hugepages.bytes());
+    let nodes: Vec<String> = per_node_free(paths, kib)
+        .iter()
+        .map(|(n, f)| format!("node{n}: {f}"))
+        .collect();
+    let nodes = if nodes.is_empty() {
+        String::new()
+    } else {
+        format!("; {}", nodes.join(", "))
+    };
+    let (free, total) = (pool.available(), pool.total);
+    let finding = format!("{free} of {total} free, guest needs {needed}{nodes}");
+    if free >= needed {
+        return Check::ok(name, finding);
+    }
+    let knob = match m.hugepages {
+        HugePageSize::Size2M => "/proc/sys/vm/nr_hugepages".to_string(),
+        _ => format!("/sys/kernel/mm/hugepages/hugepages-{kib}kB/nr_hugepages"),
+    };
+    let fix = format!("echo {} > {knob}", total + needed - free);
+    Check::new(Status::Fail, name, finding, Some(fix))
+}
+
+fn device(paths: &HostPaths, spec: &str, memory: Option<MemoryConfig>) -> Vec<Check> {
+    let name = format!("device {spec}");
+    let dev = match host::resolve(paths, spec) {
+        Ok(d) => d,
+        Err(e) => return vec![Check::from_error(Status::Fail, name, &e)],
+    };
+    let access = match host::check_passthrough(paths, &dev) {
+        Ok(PassthroughAccess::Group { group, node }) => {
+            format!("IOMMU group {group} via {}", node.display())
+        }
+        Ok(PassthroughAccess::Cdev { node }) => format!("iommufd via {}", node.display()),
+        Err(e) => return vec![Check::from_error(Status::Fail, name, &e)],
+    };
+    let vf = dev
+        .physfn
+        .map(|p| format!(" (VF of {p})"))
+        .unwrap_or_default();
+    let numa = dev.numa_node.map_or("none".into(), |n| n.to_string());
+    let id = format!("{:04x}:{:04x}", dev.vendor, dev.device);
+    let finding = format!("{id}{vf} on vfio-pci, {access}, NUMA node {numa}");
+    let mut out = vec![Check::ok(name, finding)];
+    // Guest RAM far from the device's node makes every DMA cross the interconnect.
+    if let (Some(node), Some(m)) = (dev.numa_node, memory.filter(|m| m.hugepages.is_hugetlb())) {
+        let kib = kib_of(m.hugepages);
+        let needed = m.size.div_ceil(m.hugepages.bytes());
+        let free = per_node_free(paths, kib)
+            .into_iter()
+            .find(|(n, _)| *n == node)
+            .map(|(_, f)| f);
+        if let Some(free) = free.filter(|f| *f < needed) {
+            let knob = format!(
+                "/sys/devices/system/node/node{node}/hugepages/hugepages-{kib}kB/nr_hugepages"
+            );
+            let nr = read_u64(&paths.sys.join(&knob["/sys/".len()..])).unwrap_or(0);
+            let want = nr + needed - free;
+            out.push(Check::new(
+                Status::Warn,
+                format!("numa {}", dev.address),
+                format!(
+                    "node{node} has {free} free {} pages, guest needs {needed}: part of its \
+                     RAM will sit on other nodes than the device",
+                    m.hugepages.name()
+                ),
+                Some(format!("echo {want} > {knob}")),
+            ));
+        }
+    }
+    out
+}
+
+/// The report, one line per check and an indented `fix:` under warn and FAIL.
+pub fn render(checks: &[Check]) -> String {
+    let mut out = String::new();
+    for c in checks {
+        let word = match c.status {
+            Status::Ok => "ok",
+            Status::Warn => "warn",
+            Status::Fail => "FAIL",
+        };
+        out += &format!("{word:<4}  {}: {}\n", c.name, c.finding);
+        if let (Some(fix), false) = (&c.fix, c.status == Status::Ok) {
+            out += &format!("      fix: {fix}\n");
+        }
+    }
+    out
+}
+
+/// 0 when everything asked for can work (warnings allowed), 1 when something cannot.
+pub fn exit_status(checks: &[Check]) -> u8 {
+    u8::from(checks.iter().any(|c| c.status == Status::Fail))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vfio::host::fake::FakeHost;
+
+    const VF: &str = "0000:3b:00.2";
+    const ROOMY: Memlock = Memlock {
+        limit: None,
+        cap_ipc_lock: false,
+    };
+
+    /// A hardware-KVM host with 2M and 1G pools on two nodes and an IOMMU.
+    fn host() -> FakeHost {
+        let h = FakeHost::new();
+        h.write("dev/kvm", "")
+            .write("proc/cpuinfo", "processor\t: 0\nflags\t\t: fpu vmx sse2\n")
+            .hugepages(2048, 1024, 1000)
+            .node_hugepages(0, 2048, 600)
+            .node_hugepages(1, 2048, 400)
+            .hugepages(1_048_576, 0, 0)
+            .pci_device(
+                VF,
+                (0x15b3, 0x101e, 0x020700),
+                Some("vfio-pci"),
+                Some(42),
+                1,
+            )
+            .write("dev/vfio/42", "");
+        h.driver_dir("vfio-pci");
+        h
+    }
+
+    fn request(devices: &[&str], memory: Option<&str>) -> Request {
+        Request {
+            devices: devices.iter().map(|d| d.to_string()).collect(),
+            memory: memory.map(|m| m.parse().unwrap()),
+        }
+    }
+
+    fn run(h: &FakeHost, req: &Request, memlock: Memlock) -> (String, u8) {
+        let checks = checks_with(&h.paths(), req, Ok(memlock));
+        (render(&checks), exit_status(&checks))
+    }
+
+    #[test]
+    fn a_ready_host_reports_every_check_ok() {
+        let h = host();
+        let (report, code) = run(&h, &request(&[VF], Some("512M,hugepages=2M")), ROOMY);
+        assert_eq!(code, 0, "{report}");
+        assert!(
+            !report.contains("warn") && !report.contains("FAIL"),
+            "{report}"
+        );
+        assert!(
+            report.contains("ok    kvm kind: hardware (vmx)"),
+            "{report}"
+        );
+        assert!(
+            report.contains(
+                "hugepages 2M: 1000 of 1024 free, guest needs 256; node0: 600, node1: 400"
+            ),
+            "{report}"
+        );
+        assert!(report.contains("hugepages 1G: 0 of 0 free"), "{report}");
+        assert!(
+            report.contains("iommu: enabled (1 IOMMU groups)"),
+            "{report}"
+        );
+        assert!(
+            report.contains(&format!(
+                "device {VF}: 15b3:101e on vfio-pci, IOMMU group 42 via"
+            )),
+            "{report}"
+        );
+        assert!(report.contains("NUMA node 1"), "{report}");
+        assert!(
+            report.contains("memlock: unlimited, VFIO may pin all 512 MiB"),
+            "{report}"
+        );
+    }
+
+    #[test]
+    fn software_kvm_is_a_warning_not_a_failure() {
+        let h = host();
+        h.write("sys/module/kvm_pvm/refcnt", "1");
+        let (report, code) = run(&h, &Request::default(), ROOMY);
+        assert_eq!(code, 0);
+        assert!(
+            report
+                .contains("warn  kvm kind: software KVM (kvm_pvm): guest ring-0 code is emulated"),
+            "{report}"
+        );
+        assert!(
+            report.contains("      fix: run production jobs on a host with VT-x / AMD-V"),
+            "{report}"
+        );
+    }
+
+    #[test]
+    fn missing_dev_kvm_fails_with_modprobe() {
+        let h = host();
+        std::fs::remove_file(h.root.join("dev/kvm")).unwrap();
+        let (report, code) = run(&h, &Request::default(), ROOMY);
+        assert_eq!(code, 1);
+        assert!(
+            report.contains("FAIL  kvm: ") && report.contains("modprobe kvm_intel"),
+            "{report}"
+        );
+    }
+
+    #[test]
+    fn too_small_hugepage_pool_fails_with_pages_needed_free_and_the_echo() {
+        let (report, code) = run(&host(), &request(&[], Some("4G,hugepages=2M")), ROOMY);
+        assert_eq!(code, 1);
+        assert!(
+            report.contains("FAIL  hugepages 2M: 1000 of 1024 free, guest needs 2048"),
+            "{report}"
+        );
+        assert!(
+            report.contains("fix: echo 2072 > /proc/sys/vm/nr_hugepages"),
+            "{report}"
+        );
+        let (report, _) = run(&host(), &request(&[], Some("2G,hugepages=1G")), ROOMY);
+        assert!(
+            report.contains(
+                "fix: echo 2 > /sys/kernel/mm/hugepages/hugepages-1048576kB/nr_hugepages"
+            ),
+            "{report}"
+        );
+    }
+
+    #[test]
+    fn iommu_off_warns_without_devices_and_fails_with_one() {
+        let h = host();
+        std::fs::remove_dir_all(h.root.join("sys/kernel/iommu_groups/42")).unwrap();
+        let (report, code) = run(&h, &Request::default(), ROOMY);
+        assert_eq!(code, 0);
+        assert!(
+            report.contains("warn  iommu: off") && report.contains("intel_iommu=on"),
+            "{report}"
+        );
+        let (report, code) = run(&h, &request(&[VF], None), ROOMY);
+        assert_eq!(code, 1);
+        assert!(report.contains("FAIL  iommu: off"), "{report}");
+    }
+
+    #[test]
+    fn device_on_a_host_driver_fails_with_the_bind_command() {
+        let h = host();
+        h.bind(VF, Some("mlx5_core"));
+        let (report, code) = run(&h, &request(&["3b:00.2"], None), ROOMY);
+        assert_eq!(code, 1);
+        assert!(
+            report.contains(
+                "FAIL  device 3b:00.2: 0000:3b:00.2 is bound to the host driver mlx5_core"
+            ),
+            "{report}"
+        );
+        assert!(
+            report.contains("fix: run `hpcvm sriov bind 0000:3b:00.2`"),
+            "{report}"
+        );
+        let (report, _) = run(&h, &request(&["5e:00.0"], None), ROOMY);
+        assert!(
+            report.contains("No PCI device 0000:5e:00.0") && report.contains("lspci -D"),
+            "{report}"
+        );
+    }
+
+    #[test]
+    fn memlock_below_guest_ram_fails_only_when_a_device_is_asked() {
+        let low = Memlock {
+            limit: Some(64 << 20),
+            cap_ipc_lock: false,
+        };
+        let (report, code) = run(&host(), &request(&[], Some("1G")), low);
+        assert_eq!(code, 0);
+        assert!(!report.contains("memlock"), "{report}");
+        let (report, code) = run(&host(), &request(&[VF], Some("1G")), low);
+        assert_eq!(code, 1);
+        assert!(report.contains("FAIL  memlock: Locked-memory limit (RLIMIT_MEMLOCK) is 64 MiB, guest RAM is 1024 MiB"), "{report}");
+        assert!(
+            report.contains("fix: raise it: `ulimit -l unlimited`"),
+            "{report}"
+        );
+    }
+
+    #[test]
+    fn guest_ram_larger_than_the_devices_node_pool_warns_with_the_node_knob() {
+        let h = host();
+        h.write(
+            "sys/devices/system/node/node1/hugepages/hugepages-2048kB/nr_hugepages",
+            "400",
+        );
+        let (report, code) = run(&h, &request(&[VF], Some("1536M,hugepages=2M")), ROOMY);
+        assert_eq!(code, 0, "{report}");
+        assert!(
+            report
+                .contains("warn  numa 0000:3b:00.2: node1 has 400 free 2M pages, guest needs 768"),
+            "{report}"
+        );
+        assert!(report.contains("fix: echo 768 > /sys/devices/system/node/node1/hugepages/hugepages-2048kB/nr_hugepages"), "{report}");
+    }
+}
