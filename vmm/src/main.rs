@@ -14,7 +14,10 @@ use vmm::config::{
     ControlConfig, CpusConfig, JobConfig, KernelConfig, MemoryConfig, VmConfig,
     DEFAULT_GRACE_PERIOD,
 };
-use vmm::{exit_code, Outcome};
+use vmm::vfio::host::HostPaths;
+use vmm::vfio::sriov::{bind, check_bound, create, list, render, set_guids, to_json};
+use vmm::vfio::sriov::{Bound, Created, Guid};
+use vmm::{exit_code, vfio, Outcome};
 
 #[derive(Parser)]
 #[command(name = "hpcvm", version, about = "A KVM hypervisor for HPC batch jobs")]
@@ -33,6 +36,17 @@ enum Command {
     /// Exit status: 0 the VMM answered ok, 1 it answered with an error, 2 usage error,
     /// 3 the VMM could not be reached.
     Ctl(CtlArgs),
+    /// List SR-IOV devices, create virtual functions, set mlx5 VF GUIDs, bind VFs to
+    /// vfio-pci (see docs/vfio.md).
+    ///
+    /// Exit status: 0 done or nothing to do, 1 failed (reason on stderr), 2 usage error.
+    Sriov(SriovArgs),
+    /// Check whether this host can run what is asked: KVM, hugepages, IOMMU, passthrough
+    /// devices, memlock (see docs/vfio.md).
+    ///
+    /// Exit status: 0 everything asked can work (warnings allowed), 1 something cannot,
+    /// 2 usage error.
+    Doctor(DoctorArgs),
 }
 
 #[derive(Args)]
@@ -116,6 +130,53 @@ enum CtlRequest {
     Pause,
     /// Run paused vCPUs again.
     Resume,
+}
+
+#[derive(Args)]
+struct SriovArgs {
+    #[command(subcommand)]
+    action: SriovAction,
+}
+
+#[derive(Subcommand)]
+enum SriovAction {
+    /// SR-IOV capable devices with their VFs, drivers and IOMMU groups.
+    List {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Give a physical function exactly COUNT virtual functions.
+    Create {
+        /// The PF: BDF (0000:3b:00.0) or sysfs path.
+        pf: String,
+        /// Number of VFs (0 removes them).
+        count: u32,
+        /// Replace existing VFs (the kernel destroys them first, even ones VMs use).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Bind a VF to vfio-pci; with GUIDs, set an mlx5 VF's InfiniBand GUIDs first.
+    Bind {
+        /// The VF: BDF or sysfs path.
+        vf: String,
+        /// Node GUID (11:22:33:44:55:66:77:88).
+        #[arg(long, value_name = "GUID", requires = "port_guid")]
+        node_guid: Option<Guid>,
+        /// Port GUID (11:22:33:44:55:66:77:88).
+        #[arg(long, value_name = "GUID", requires = "node_guid")]
+        port_guid: Option<Guid>,
+    },
+}
+
+#[derive(Args)]
+struct DoctorArgs {
+    /// A device to pass through: BDF or sysfs path (repeatable).
+    #[arg(long = "device", value_name = "SPEC")]
+    devices: Vec<String>,
+    /// Guest RAM to check against hugepage pools and memlock: SIZE[,hugepages=2M|1G].
+    #[arg(long, value_name = "SPEC")]
+    memory: Option<MemoryConfig>,
 }
 
 /// Why the command line cannot become a VM, with the exit status it gets.
@@ -397,6 +458,64 @@ fn ctl(args: CtlArgs) -> u8 {
     }
 }
 
+fn sriov(action: SriovAction) -> u8 {
+    let paths = HostPaths::real();
+    let done = || -> Result<String, vfio::sriov::SriovError> {
+        Ok(match action {
+            SriovAction::List { json: true } => format!("{}\n", to_json(&list(&paths)?)),
+            SriovAction::List { json: false } => render(&list(&paths)?),
+            SriovAction::Create { pf, count, force } => match create(&paths, &pf, count, force)? {
+                Created::Unchanged => format!("{pf}: already has {count} VFs, nothing to do\n"),
+                Created::Changed { from } => format!("{pf}: {from} -> {count} VFs\n"),
+            },
+            SriovAction::Bind {
+                vf,
+                node_guid,
+                port_guid,
+            } => {
+                let mut out = String::new();
+                if let (Some(node), Some(port)) = (node_guid, port_guid) {
+                    let verb = if set_guids(&paths, &vf, node, port)? {
+                        "set"
+                    } else {
+                        "already"
+                    };
+                    out += &format!("{vf}: GUIDs {verb} node {node} port {port} (policy Follow)\n");
+                }
+                out += &match bind(&paths, &vf)? {
+                    Bound::Already => format!("{vf}: already bound to vfio-pci\n"),
+                    Bound::Probed { previous } => {
+                        check_bound(&paths, &vf)?;
+                        let was = previous.unwrap_or_else(|| "no driver".into());
+                        format!("{vf}: bound to vfio-pci (was {was})\n")
+                    }
+                };
+                out
+            }
+        })
+    };
+    match done() {
+        Ok(out) => {
+            print!("{out}");
+            0
+        }
+        Err(e) => {
+            eprintln!("hpcvm sriov: {e}");
+            1
+        }
+    }
+}
+
+fn doctor(args: DoctorArgs) -> u8 {
+    let request = vfio::doctor::Request {
+        devices: args.devices,
+        memory: args.memory,
+    };
+    let checks = vfio::doctor::checks(&HostPaths::real(), &request);
+    print!("{}", vfio::doctor::render(&checks));
+    vfio::doctor::exit_status(&checks)
+}
+
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(c) => c,
@@ -408,5 +527,7 @@ fn main() -> ExitCode {
     ExitCode::from(match cli.command {
         Command::Run(args) => run(*args),
         Command::Ctl(args) => ctl(args),
+        Command::Sriov(args) => sriov(args.action),
+        Command::Doctor(args) => doctor(args),
     })
 }
