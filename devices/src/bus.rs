@@ -1,93 +1,118 @@
-//! The port-I/O bus: which device answers which x86 I/O port.
+//! The buses a vCPU exit is dispatched on: which device answers which x86 I/O port
+//! ([`PioBus`]) or guest-physical MMIO address ([`MmioBus`]).
 
 use std::sync::{Arc, Mutex};
 
 use thiserror::Error;
 
-/// A device reachable through x86 `in`/`out` instructions.
-pub trait PioDevice: Send {
-    /// Guest `in` at `offset` bytes past the device's base port.
-    fn read(&mut self, offset: u16, data: &mut [u8]);
-    /// Guest `out` at `offset` bytes past the device's base port.
-    fn write(&mut self, offset: u16, data: &[u8]);
+/// A device reachable through port I/O or MMIO exits.
+pub trait BusDevice: Send {
+    /// Guest read at `offset` bytes past the device's base address.
+    fn read(&mut self, offset: u64, data: &mut [u8]);
+    /// Guest write at `offset` bytes past the device's base address.
+    fn write(&mut self, offset: u64, data: &[u8]);
 }
 
-/// Errors from building the bus.
+/// Errors from building a bus.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum BusError {
-    /// Two devices claim overlapping port ranges.
-    #[error("I/O ports {base:#x}+{len} overlap a device already on the bus")]
+    /// Two devices claim overlapping ranges.
+    #[error("{space} range {base:#x}+{len:#x} overlaps a device already on the bus")]
     Overlap {
-        /// First port of the rejected range.
-        base: u16,
-        /// Number of ports in the rejected range.
-        len: u16,
+        /// "I/O port" or "MMIO".
+        space: &'static str,
+        /// First address of the rejected range.
+        base: u64,
+        /// Length of the rejected range.
+        len: u64,
     },
-    /// A range of zero ports, or one past port 0xffff.
-    #[error("I/O port range {base:#x}+{len} is empty or runs past 0xffff")]
+    /// An empty range, or one past the end of the address space.
+    #[error("{space} range {base:#x}+{len:#x} is empty or runs past the end of the space")]
     BadRange {
-        /// First port of the rejected range.
-        base: u16,
-        /// Number of ports in the rejected range.
-        len: u16,
+        /// "I/O port" or "MMIO".
+        space: &'static str,
+        /// First address of the rejected range.
+        base: u64,
+        /// Length of the rejected range.
+        len: u64,
     },
 }
 
 struct Entry {
-    base: u16,
-    len: u16,
-    device: Arc<Mutex<dyn PioDevice>>,
+    base: u64,
+    len: u64,
+    device: Arc<Mutex<dyn BusDevice>>,
 }
 
-/// Maps port ranges to devices. Ports with no device read as all ones and swallow
-/// writes, like an ISA bus with nothing plugged in.
-#[derive(Default)]
-pub struct PioBus {
+/// Maps address ranges to devices. Addresses with no device read as all ones and
+/// swallow writes, like a bus with nothing plugged in.
+pub struct Bus {
+    space: &'static str,
+    /// One past the last address (0 = the whole 64-bit space).
+    end: u128,
     entries: Vec<Entry>, // sorted by base, non-overlapping
 }
 
-impl PioBus {
-    /// An empty bus.
-    pub fn new() -> Self {
-        Self::default()
+/// The x86 I/O port space, 0..=0xffff.
+pub type PioBus = Bus;
+/// The guest-physical MMIO space.
+pub type MmioBus = Bus;
+
+impl Bus {
+    /// An empty port-I/O bus.
+    pub fn pio() -> Self {
+        Self {
+            space: "I/O port",
+            end: 0x1_0000,
+            entries: Vec::new(),
+        }
     }
 
-    /// Puts `device` on ports `base..base+len`.
+    /// An empty MMIO bus.
+    pub fn mmio() -> Self {
+        Self {
+            space: "MMIO",
+            end: 1 << 64,
+            entries: Vec::new(),
+        }
+    }
+
+    /// Puts `device` on `base..base+len`.
     pub fn insert(
         &mut self,
-        base: u16,
-        len: u16,
-        device: Arc<Mutex<dyn PioDevice>>,
+        base: u64,
+        len: u64,
+        device: Arc<Mutex<dyn BusDevice>>,
     ) -> Result<(), BusError> {
-        let end = u32::from(base) + u32::from(len);
-        if len == 0 || end > 0x1_0000 {
-            return Err(BusError::BadRange { base, len });
+        let end = u128::from(base) + u128::from(len);
+        let space = self.space;
+        if len == 0 || end > self.end {
+            return Err(BusError::BadRange { space, base, len });
         }
         let overlaps = self.entries.iter().any(|e| {
-            let e_end = u32::from(e.base) + u32::from(e.len);
-            u32::from(base) < e_end && u32::from(e.base) < end
+            u128::from(base) < u128::from(e.base) + u128::from(e.len) && u128::from(e.base) < end
         });
         if overlaps {
-            return Err(BusError::Overlap { base, len });
+            return Err(BusError::Overlap { space, base, len });
         }
         let at = self.entries.partition_point(|e| e.base < base);
         self.entries.insert(at, Entry { base, len, device });
         Ok(())
     }
 
-    fn find(&self, port: u16) -> Option<(&Entry, u16)> {
+    fn find(&self, addr: u64) -> Option<(&Entry, u64)> {
         let idx = self
             .entries
-            .partition_point(|e| e.base <= port)
+            .partition_point(|e| e.base <= addr)
             .checked_sub(1)?;
         let e = &self.entries[idx];
-        let offset = port - e.base;
+        let offset = addr - e.base;
         (offset < e.len).then_some((e, offset))
     }
 
-    /// Dispatches a guest `in`; returns false (data set to all ones) if no device owns `port`.
-    pub fn read(&self, port: u16, data: &mut [u8]) -> bool {
-        match self.find(port) {
+    /// Dispatches a guest read; returns false (data set to all ones) if no device owns `addr`.
+    pub fn read(&self, addr: u64, data: &mut [u8]) -> bool {
+        match self.find(addr) {
             Some((e, offset)) => {
                 lock(&e.device).read(offset, data);
                 true
@@ -99,9 +124,9 @@ impl PioBus {
         }
     }
 
-    /// Dispatches a guest `out`; returns false (write dropped) if no device owns `port`.
-    pub fn write(&self, port: u16, data: &[u8]) -> bool {
-        match self.find(port) {
+    /// Dispatches a guest write; returns false (write dropped) if no device owns `addr`.
+    pub fn write(&self, addr: u64, data: &[u8]) -> bool {
+        match self.find(addr) {
             Some((e, offset)) => {
                 lock(&e.device).write(offset, data);
                 true
@@ -124,14 +149,14 @@ mod tests {
 
     #[derive(Default)]
     struct Recorder {
-        writes: Vec<(u16, Vec<u8>)>,
+        writes: Vec<(u64, Vec<u8>)>,
     }
 
-    impl PioDevice for Recorder {
-        fn read(&mut self, offset: u16, data: &mut [u8]) {
+    impl BusDevice for Recorder {
+        fn read(&mut self, offset: u64, data: &mut [u8]) {
             data.fill(offset as u8);
         }
-        fn write(&mut self, offset: u16, data: &[u8]) {
+        fn write(&mut self, offset: u64, data: &[u8]) {
             self.writes.push((offset, data.to_vec()));
         }
     }
@@ -139,7 +164,7 @@ mod tests {
     #[test]
     fn dispatches_by_port_with_offset() {
         let dev = Arc::new(Mutex::new(Recorder::default()));
-        let mut bus = PioBus::new();
+        let mut bus = Bus::pio();
         bus.insert(0x3f8, 8, dev.clone()).unwrap();
         let mut b = [0u8; 1];
         assert!(bus.read(0x3fa, &mut b));
@@ -150,7 +175,7 @@ mod tests {
 
     #[test]
     fn unclaimed_ports_read_all_ones_and_drop_writes() {
-        let mut bus = PioBus::new();
+        let mut bus = Bus::pio();
         bus.insert(0x60, 5, Arc::new(Mutex::new(Recorder::default())))
             .unwrap();
         let mut b = [0u8; 4];
@@ -162,12 +187,13 @@ mod tests {
 
     #[test]
     fn rejects_overlap_and_bad_ranges() {
-        let mut bus = PioBus::new();
+        let mut bus = Bus::pio();
         let d = || Arc::new(Mutex::new(Recorder::default()));
         bus.insert(0x3f8, 8, d()).unwrap();
         assert_eq!(
             bus.insert(0x3fc, 8, d()),
             Err(BusError::Overlap {
+                space: "I/O port",
                 base: 0x3fc,
                 len: 8
             })
@@ -175,14 +201,35 @@ mod tests {
         assert_eq!(
             bus.insert(0xfff0, 0x20, d()),
             Err(BusError::BadRange {
+                space: "I/O port",
                 base: 0xfff0,
                 len: 0x20
             })
         );
         assert_eq!(
             bus.insert(0, 0, d()),
-            Err(BusError::BadRange { base: 0, len: 0 })
+            Err(BusError::BadRange {
+                space: "I/O port",
+                base: 0,
+                len: 0
+            })
         );
         bus.insert(0x3f0, 8, d()).unwrap();
+    }
+
+    #[test]
+    fn mmio_bus_spans_the_64_bit_space() {
+        let mut bus = Bus::mmio();
+        let dev = Arc::new(Mutex::new(Recorder::default()));
+        bus.insert(u64::MAX - 0xfff, 0x1000, dev.clone()).unwrap();
+        bus.insert(0xe000_0000, 0x10_0000, dev.clone()).unwrap();
+        assert!(bus.write(u64::MAX, &[1]));
+        assert!(bus.write(0xe00f_ffff, &[2]));
+        assert!(!bus.write(0xe010_0000, &[3]));
+        assert_eq!(
+            dev.lock().unwrap().writes,
+            vec![(0xfff, vec![1]), (0xf_ffff, vec![2])]
+        );
+        assert!(bus.insert(0xe00f_f000, 0x2000, dev).is_err());
     }
 }

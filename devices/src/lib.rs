@@ -6,7 +6,8 @@
 
 pub mod bus;
 pub mod legacy;
+pub mod pci;
 pub mod trigger;
 
-pub use bus::{lock, PioBus, PioDevice};
+pub use bus::{lock, Bus, BusDevice, MmioBus, PioBus};
 pub use trigger::EventFdTrigger;

@@ -8,7 +8,7 @@ use std::os::fd::AsFd;
 use std::sync::{Arc, Mutex};
 
 use devices::legacy::Uart;
-use devices::{lock, PioDevice};
+use devices::{lock, BusDevice};
 use hpcvm_agent::{frame, kind, Decoder, JobError, JobExit, JobSpec};
 
 /// What the control loop needs to know about the job.
@@ -168,12 +168,12 @@ impl AgentPort {
     }
 }
 
-impl PioDevice for AgentPort {
-    fn read(&mut self, offset: u16, data: &mut [u8]) {
+impl BusDevice for AgentPort {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
         self.uart.read(offset, data);
     }
 
-    fn write(&mut self, offset: u16, data: &[u8]) {
+    fn write(&mut self, offset: u64, data: &[u8]) {
         self.uart.write(offset, data);
         self.flush_to_guest();
     }

@@ -57,9 +57,9 @@ impl LegacyDevices {
             Some(EventFdTrigger::new(kbd_irq)),
         )));
 
-        let mut bus = PioBus::new();
-        bus.insert(COM1_BASE, UART_PORTS, console.clone())
-            .and_then(|_| bus.insert(I8042_BASE, I8042_PORTS, i8042.clone()))
+        let mut bus = PioBus::pio();
+        bus.insert(COM1_BASE.into(), UART_PORTS.into(), console.clone())
+            .and_then(|_| bus.insert(I8042_BASE.into(), I8042_PORTS.into(), i8042.clone()))
             .map_err(|e| Error::Io {
                 what: "the port-I/O bus",
                 source: io::Error::other(e),
@@ -70,7 +70,7 @@ impl LegacyDevices {
                     EventFd::new(EFD_NONBLOCK).map_err(io_err("the COM2 interrupt eventfd"))?;
                 vm.register_irqfd(&irq, COM2_IRQ)?;
                 let port = Arc::new(Mutex::new(AgentPort::new(EventFdTrigger::new(irq), link)));
-                bus.insert(COM2_BASE, UART_PORTS, port.clone())
+                bus.insert(COM2_BASE.into(), UART_PORTS.into(), port.clone())
                     .map_err(|e| Error::Io {
                         what: "the port-I/O bus",
                         source: io::Error::other(e),

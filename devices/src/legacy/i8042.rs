@@ -7,7 +7,7 @@
 
 use std::collections::VecDeque;
 
-use crate::bus::PioDevice;
+use crate::bus::BusDevice;
 use crate::trigger::EventFdTrigger;
 
 /// First port of the i8042 (data port 0x60; command/status is 0x64).
@@ -17,8 +17,8 @@ pub const I8042_PORTS: u16 = 5;
 /// ISA IRQ line of the keyboard.
 pub const KBD_IRQ: u32 = 1;
 
-const DATA: u16 = 0;
-const COMMAND: u16 = 4;
+const DATA: u64 = 0;
+const COMMAND: u64 = 4;
 const CMD_RESET_CPU: u8 = 0xfe;
 const STATUS_OUTPUT_FULL: u8 = 0x01;
 /// Scancode set 1 (what a PC controller delivers after translation): LCtrl, LAlt,
@@ -65,8 +65,8 @@ impl I8042 {
     }
 }
 
-impl PioDevice for I8042 {
-    fn read(&mut self, offset: u16, data: &mut [u8]) {
+impl BusDevice for I8042 {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
         let value = match offset {
             DATA => {
                 let v = self.out.pop_front().unwrap_or(0);
@@ -81,7 +81,7 @@ impl PioDevice for I8042 {
         data.fill(value);
     }
 
-    fn write(&mut self, offset: u16, data: &[u8]) {
+    fn write(&mut self, offset: u64, data: &[u8]) {
         if offset == COMMAND && data.first() == Some(&CMD_RESET_CPU) {
             // Failing to signal would leave the guest running with nothing to stop it;
             // the eventfd counter cannot overflow in practice.

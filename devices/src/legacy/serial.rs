@@ -7,7 +7,7 @@ use std::io::{self, Write};
 use vm_superio::serial::NoEvents;
 use vm_superio::Serial;
 
-use crate::bus::PioDevice;
+use crate::bus::BusDevice;
 use crate::trigger::EventFdTrigger;
 
 /// Base port of COM1.
@@ -85,8 +85,8 @@ impl Uart {
     }
 }
 
-impl PioDevice for Uart {
-    fn read(&mut self, offset: u16, data: &mut [u8]) {
+impl BusDevice for Uart {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
         // Registers are byte-wide; a wider access reads the register then all ones.
         data.fill(0xff);
         if let (Some(first), Ok(off)) = (data.first_mut(), u8::try_from(offset)) {
@@ -97,7 +97,7 @@ impl PioDevice for Uart {
         }
     }
 
-    fn write(&mut self, offset: u16, data: &[u8]) {
+    fn write(&mut self, offset: u64, data: &[u8]) {
         if let (Some(&value), Ok(off)) = (data.first(), u8::try_from(offset)) {
             // The only failure is the writer's (stdout closed) or the irqfd's; the guest
             // cannot do anything about either, and the console must not stop the VM.

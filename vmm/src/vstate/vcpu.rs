@@ -361,10 +361,10 @@ impl Vcpu {
             }
             match self.fd.run() {
                 Ok(VcpuExit::IoIn(port, data)) => {
-                    self.pio.read(port, data);
+                    self.pio.read(port.into(), data);
                 }
                 Ok(VcpuExit::IoOut(port, data)) => {
-                    self.pio.write(port, data);
+                    self.pio.write(port.into(), data);
                 }
                 // No MMIO devices yet: reads float high, writes vanish.
                 Ok(VcpuExit::MmioRead(_, data)) => data.fill(0xff),
