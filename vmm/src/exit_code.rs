@@ -123,9 +123,9 @@ pub fn for_error(err: &Error) -> u8 {
         Error::Vm(VmError::OpenKvm(_) | VmError::ApiVersion(_) | VmError::TooManyVcpus { .. }) => {
             HOST_RESOURCES
         }
-        Error::Vm(VmError::Kvm { .. }) | Error::VcpuSetup { .. } | Error::MsrRejected { .. } => {
-            HOST_RESOURCES
-        }
+        Error::Vm(VmError::Kvm { .. } | VmError::OutOfGsis { .. } | VmError::OutOfSlots { .. })
+        | Error::VcpuSetup { .. }
+        | Error::MsrRejected { .. } => HOST_RESOURCES,
         Error::Io { .. } => INTERNAL,
     }
 }

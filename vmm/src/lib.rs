@@ -19,6 +19,7 @@ pub mod exit_code;
 pub mod host;
 pub mod legacy;
 pub mod memory;
+pub mod vfio;
 pub mod vstate;
 
 pub use builder::run;

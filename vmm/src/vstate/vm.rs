@@ -10,6 +10,13 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::errno;
 use vmm_sys_util::eventfd::EventFd;
 
+use std::sync::Mutex;
+
+use devices::lock;
+use devices::pci::msix::MsiMessage;
+use vm_allocator::IdAllocator;
+
+use super::irq::{DeviceVm, GsiRoutes};
 use crate::memory::layout::{KVM_IDENTITY_MAP_ADDR, KVM_TSS_ADDR};
 
 /// Errors setting up the VM.
@@ -27,6 +34,18 @@ pub enum VmError {
         /// vCPUs asked for.
         asked: u32,
         /// KVM_CAP_MAX_VCPUS.
+        max: usize,
+    },
+    /// Every GSI is taken.
+    #[error("Out of interrupt routes: KVM allows {max} GSIs")]
+    OutOfGsis {
+        /// KVM's limit.
+        max: usize,
+    },
+    /// Every memory slot is taken.
+    #[error("Out of KVM memory slots ({max}): too many device memory areas")]
+    OutOfSlots {
+        /// KVM_CAP_NR_MEMSLOTS.
         max: usize,
     },
     /// A KVM ioctl failed.
@@ -74,7 +93,14 @@ pub struct Vm {
     pub supported_cpuid: CpuId,
     /// MSRs the host KVM saves and restores.
     pub msr_index: Vec<u32>,
+    /// The GSI routing table (legacy lines plus device MSI vectors).
+    routes: Mutex<GsiRoutes>,
+    /// Memory slots for device memory (BARs), after the RAM slots.
+    device_slots: Mutex<IdAllocator>,
 }
+
+/// Slots below this hold guest RAM (one per RAM region; at most two today).
+const FIRST_DEVICE_SLOT: u32 = 8;
 
 impl Vm {
     /// Opens /dev/kvm and creates a VM; [`Vm::create_irqchip`] completes it.
@@ -101,11 +127,16 @@ impl Vm {
             .map_err(kvm_err("SET_TSS_ADDR"))?;
         fd.set_identity_map_address(KVM_IDENTITY_MAP_ADDR)
             .map_err(kvm_err("SET_IDENTITY_MAP_ADDR"))?;
+        let max_slots = kvm.get_nr_memslots().max(FIRST_DEVICE_SLOT as usize + 1);
+        let device_slots = IdAllocator::new(FIRST_DEVICE_SLOT, max_slots as u32 - 1)
+            .map_err(|_| VmError::OutOfSlots { max: max_slots })?;
         Ok(Self {
             kvm,
             fd,
             supported_cpuid,
             msr_index,
+            routes: Mutex::new(GsiRoutes::default()),
+            device_slots: Mutex::new(device_slots),
         })
     }
 
@@ -149,5 +180,75 @@ impl Vm {
     /// Wires `evt` to guest interrupt line `gsi`: each write raises it in the kernel.
     pub fn register_irqfd(&self, evt: &EventFd, gsi: u32) -> Result<(), VmError> {
         self.fd.register_irqfd(evt, gsi).map_err(kvm_err("IRQFD"))
+    }
+}
+
+impl DeviceVm for Vm {
+    unsafe fn map_memory(&self, gpa: u64, host: *mut u8, len: u64) -> Result<u32, VmError> {
+        let max = self.kvm.get_nr_memslots();
+        let slot = lock(&self.device_slots)
+            .allocate_id()
+            .map_err(|_| VmError::OutOfSlots { max })?;
+        let r = kvm_userspace_memory_region {
+            slot,
+            flags: 0,
+            guest_phys_addr: gpa,
+            memory_size: len,
+            userspace_addr: host as u64,
+        };
+        // SAFETY: the caller keeps the host range mapped while the slot exists.
+        if let Err(e) = unsafe { self.fd.set_user_memory_region(r) } {
+            let _ = lock(&self.device_slots).free_id(slot);
+            return Err(VmError::Kvm {
+                what: "SET_USER_MEMORY_REGION (device memory)",
+                source: e,
+            });
+        }
+        Ok(slot)
+    }
+
+    fn unmap_memory(&self, slot: u32) -> Result<(), VmError> {
+        let r = kvm_userspace_memory_region {
+            slot,
+            ..Default::default()
+        };
+        // SAFETY: a zero-sized region deletes the slot; no host memory is referenced.
+        unsafe { self.fd.set_user_memory_region(r) }
+            .map_err(kvm_err("SET_USER_MEMORY_REGION (delete)"))?;
+        let _ = lock(&self.device_slots).free_id(slot);
+        Ok(())
+    }
+
+    fn allocate_msi_gsi(&self) -> Result<u32, VmError> {
+        lock(&self.routes).allocate()
+    }
+
+    fn set_msi_route(&self, gsi: u32, msg: MsiMessage) -> Result<(), VmError> {
+        let mut routes = lock(&self.routes);
+        routes.set_msi(gsi, msg);
+        self.fd
+            .set_gsi_routing(&routes.kvm_table()?)
+            .map_err(kvm_err("SET_GSI_ROUTING"))
+    }
+
+    fn register_irqfd(&self, evt: &EventFd, gsi: u32) -> Result<(), VmError> {
+        Vm::register_irqfd(self, evt, gsi)
+    }
+
+    fn unregister_irqfd(&self, evt: &EventFd, gsi: u32) -> Result<(), VmError> {
+        self.fd
+            .unregister_irqfd(evt, gsi)
+            .map_err(kvm_err("IRQFD (deassign)"))
+    }
+
+    fn register_irqfd_resample(
+        &self,
+        evt: &EventFd,
+        resample: &EventFd,
+        gsi: u32,
+    ) -> Result<(), VmError> {
+        self.fd
+            .register_irqfd_with_resample(evt, resample, gsi)
+            .map_err(kvm_err("IRQFD (resample)"))
     }
 }
