@@ -21,10 +21,13 @@ use crate::control::{self, signals::StopSignals, Controller, LoopInputs, Outcome
 use crate::host;
 use crate::legacy::LegacyDevices;
 use crate::memory;
+use crate::pci::{Passthrough, PciBus};
+use crate::vfio::{self, host::HostPaths};
 use crate::vstate::topology::{places, VcpuPlace};
 use crate::vstate::vcpu::{install_kick_handler, stop_all, StartGate, Vcpu, VcpuShared};
 use crate::vstate::{cpuid, msr, GuestExit, Vm};
 use crate::Error;
+use devices::{MmioBus, PioBus};
 use hpcvm_agent::JobSpec;
 
 /// Builds the VM described by `config`, runs it until it ends, tears it down and
@@ -32,6 +35,14 @@ use hpcvm_agent::JobSpec;
 /// path: vCPU threads joined, KVM objects closed, guest RAM (hugepages) unmapped, the
 /// API socket file removed.
 pub fn run(config: &VmConfig) -> Result<Outcome, Error> {
+    run_with(config, Vec::new())
+}
+
+/// [`run`], with `extra` devices on the guest's PCI bus beside the `--device` ones:
+/// devices an embedding program opened itself (or fakes, in tests).
+pub fn run_with(config: &VmConfig, extra: Vec<Passthrough>) -> Result<Outcome, Error> {
+    // Passthrough devices are checked before anything is created.
+    let host_devices = vfio::preflight(&HostPaths::real(), &config.devices, config.memory.size)?;
     // Before any thread exists, so that SIGTERM/SIGINT only reach the control loop.
     control::signals::block_stop_signals().map_err(io_err("blocking SIGTERM/SIGINT"))?;
     let signals = StopSignals::new().map_err(io_err("the signalfd"))?;
@@ -46,7 +57,7 @@ pub fn run(config: &VmConfig) -> Result<Outcome, Error> {
     let allowed = host::allowed_cpus().map_err(io_err("reading this process's CPU affinity"))?;
     check_affinity(&config.cpus, &allowed)?;
 
-    let vm = Vm::new(config.cpus.count)?;
+    let vm = Arc::new(Vm::new(config.cpus.count)?);
     // In-kernel devices on one thread, guest RAM and the kernel image on this one.
     let (irqchip, loaded) = std::thread::scope(|s| {
         let irqchip = s.spawn(|| vm.create_irqchip());
@@ -74,7 +85,25 @@ pub fn run(config: &VmConfig) -> Result<Outcome, Error> {
         )
     });
     let show_console = config.verbose || config.job.is_none();
-    let legacy = LegacyDevices::new(&vm, show_console, agent.clone())?;
+    let mut legacy = LegacyDevices::new(&vm, show_console, agent.clone())?;
+    let mut mmio = MmioBus::mmio();
+    let mut passthrough = vfio::open(&vm.fd, &host_devices)?;
+    passthrough.extend(extra);
+    let mut pci = match passthrough.is_empty() {
+        true => None,
+        false => Some(PciBus::build(
+            vm.clone(),
+            &mem,
+            config.memory.size,
+            passthrough,
+            &mut legacy.pio,
+            &mut mmio,
+        )?),
+    };
+    let buses = Buses {
+        pio: Arc::new(std::mem::replace(&mut legacy.pio, PioBus::pio())),
+        mmio: Arc::new(mmio),
+    };
     let vcpu_evt = EventFd::new(EFD_NONBLOCK).map_err(io_err("the vCPU exit eventfd"))?;
     let shared = Arc::new(VcpuShared::new(
         vcpu_evt
@@ -92,7 +121,7 @@ pub fn run(config: &VmConfig) -> Result<Outcome, Error> {
         &places,
         &image,
         &mem,
-        &legacy,
+        &buses,
         &shared,
         software_kvm,
     )?;
@@ -143,11 +172,24 @@ pub fn run(config: &VmConfig) -> Result<Outcome, Error> {
     };
     stop_all(&shared, handles);
     let _ = legacy.console.lock().map(|mut c| c.flush());
+    // Devices out of the guest and guest RAM out of the IOMMU before the VM and its
+    // memory go.
+    if let Some(pci) = pci.as_mut() {
+        pci.release();
+    }
+    drop(buses);
+    drop(pci);
     drop(vm);
     drop(mem);
     drop(api);
     result?;
     Ok(outcome.unwrap_or(Outcome::GuestExited(GuestExit::Reset)))
+}
+
+/// The buses the vCPUs dispatch exits on.
+struct Buses {
+    pio: Arc<PioBus>,
+    mmio: Arc<MmioBus>,
 }
 
 /// Writes the job's initramfs into a memfd.
@@ -257,7 +299,7 @@ fn create_vcpus(
     places: &[VcpuPlace],
     image: &BootImage,
     mem: &GuestMemoryMmap,
-    legacy: &LegacyDevices,
+    buses: &Buses,
     shared: &Arc<VcpuShared>,
     software_kvm: bool,
 ) -> Result<Vec<Vcpu>, Error> {
@@ -298,7 +340,8 @@ fn create_vcpus(
             index: i,
             fd,
             host_cpu: config.cpus.affinity.as_ref().map(|a| a[i as usize]),
-            pio: legacy.pio.clone(),
+            pio: buses.pio.clone(),
+            mmio: buses.mmio.clone(),
             mem: mem.clone(),
             shared: shared.clone(),
         });

@@ -9,6 +9,8 @@ use crate::api::server::ApiError;
 use crate::boot::BootError;
 use crate::config::ConfigError;
 use crate::memory::MemoryError;
+use crate::pci::PciError;
+use crate::vfio::host::HostError;
 use crate::vstate::VmError;
 
 /// Why a VM could not be built or run.
@@ -39,6 +41,17 @@ pub enum Error {
     /// Kernel, initramfs, boot structures.
     #[error(transparent)]
     Boot(#[from] BootError),
+    /// A `--device` cannot be passed through on this host.
+    #[error("Cannot pass through {spec}: {source}")]
+    Passthrough {
+        /// The device as given.
+        spec: String,
+        /// What is wrong, with the fix.
+        source: HostError,
+    },
+    /// The PCI bus or a passthrough device could not be set up.
+    #[error(transparent)]
+    Pci(#[from] PciError),
     /// A vCPU could not be created or configured.
     #[error("Cannot set up vCPU {vcpu}: KVM {what} failed: {source}")]
     VcpuSetup {

@@ -113,6 +113,7 @@ pub fn outcome_name(outcome: &Outcome) -> &'static str {
 pub fn for_error(err: &Error) -> u8 {
     use crate::boot::BootError;
     use crate::memory::MemoryError;
+    use crate::vfio::host::HostError;
     use crate::vstate::VmError;
     match err {
         Error::Config(_) | Error::AffinityNotAllowed { .. } | Error::Api(_) => CONFIG,
@@ -126,6 +127,11 @@ pub fn for_error(err: &Error) -> u8 {
         Error::Vm(VmError::Kvm { .. } | VmError::OutOfGsis { .. } | VmError::OutOfSlots { .. })
         | Error::VcpuSetup { .. }
         | Error::MsrRejected { .. } => HOST_RESOURCES,
+        Error::Passthrough {
+            source: HostError::BadAddress { .. } | HostError::NoDevice { .. },
+            ..
+        } => CONFIG,
+        Error::Passthrough { .. } | Error::Pci(_) => HOST_RESOURCES,
         Error::Io { .. } => INTERNAL,
     }
 }

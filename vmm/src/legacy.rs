@@ -19,8 +19,9 @@ use crate::Error;
 
 /// The legacy devices and the handles the control loop needs.
 pub struct LegacyDevices {
-    /// Port-I/O bus shared by the vCPUs.
-    pub pio: Arc<PioBus>,
+    /// Port-I/O bus with the legacy devices on it (the builder adds PCI, then
+    /// shares it with the vCPUs).
+    pub pio: PioBus,
     /// COM1, for host input.
     pub console: Arc<Mutex<Uart>>,
     /// COM2 speaking to the guest agent, when a job runs.
@@ -80,7 +81,7 @@ impl LegacyDevices {
             None => None,
         };
         Ok(Self {
-            pio: Arc::new(bus),
+            pio: bus,
             console,
             agent_port,
             i8042,

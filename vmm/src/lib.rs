@@ -19,6 +19,7 @@ pub mod exit_code;
 pub mod host;
 pub mod legacy;
 pub mod memory;
+pub mod pci;
 pub mod vfio;
 pub mod vstate;
 

@@ -79,6 +79,10 @@ struct RunArgs {
     /// (for `srun -n N hpcvm run --from-allocation --per-task -- ...`).
     #[arg(long, requires = "from_allocation")]
     per_task: bool,
+    /// Pass a host PCI function through to the guest: vfio=BDF or
+    /// vfio=/sys/bus/pci/devices/BDF, bound to vfio-pci (repeatable; see docs/vfio.md).
+    #[arg(long = "device", value_name = "vfio=BDF")]
+    devices: Vec<String>,
     /// Control socket (newline-delimited JSON; see docs/api.md), created 0600.
     #[arg(long, value_name = "PATH")]
     api_socket: Option<PathBuf>,
@@ -300,6 +304,11 @@ fn config_from(args: RunArgs) -> Result<VmConfig, CliError> {
                 grace_period: Duration::from_secs_f64(args.grace_period),
             },
             job,
+            devices: args
+                .devices
+                .iter()
+                .map(|d| d.parse())
+                .collect::<Result<_, _>>()?,
             verbose: args.verbose,
         })
     };

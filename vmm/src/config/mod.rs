@@ -3,12 +3,14 @@
 //! CPUs, hugepage pools, KVM limits) happen where the resource is built.
 
 pub mod cpus;
+pub mod device;
 pub mod memory;
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 pub use cpus::{CpusConfig, Topology};
+pub use device::DeviceConfig;
 pub use memory::{HugePageSize, MemoryConfig};
 use thiserror::Error;
 
@@ -34,6 +36,12 @@ pub enum ConfigError {
         value: String,
         /// What is wrong with it.
         reason: String,
+    },
+    /// `--device` did not parse.
+    #[error("Invalid --device '{value}': expected vfio=BDF or vfio=/sys/bus/pci/devices/BDF")]
+    Device {
+        /// The option string as given.
+        value: String,
     },
 }
 
@@ -140,6 +148,8 @@ pub struct VmConfig {
     pub control: ControlConfig,
     /// The command to run through the guest agent, if any.
     pub job: Option<JobConfig>,
+    /// Host PCI functions passed through with VFIO.
+    pub devices: Vec<DeviceConfig>,
     /// Show the guest console (kernel messages) and agent diagnostics.
     pub verbose: bool,
 }

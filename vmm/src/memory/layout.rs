@@ -2,8 +2,10 @@
 //!
 //! ```text
 //! 0x0000_0000  RAM (boot structures below 1 MiB, kernel from 1 MiB)
-//! 0xc000_0000  MMIO gap: LAPIC 0xfee0_0000, IOAPIC 0xfec0_0000, TSS/identity map
+//! 0xc000_0000  MMIO gap: PCI BARs 0xc000_0000-0xe000_0000, ECAM 0xe000_0000-0xf000_0000,
+//!              IOAPIC 0xfec0_0000, LAPIC 0xfee0_0000, TSS/identity map
 //! 0x1_0000_0000 RAM above 4 GiB, if the guest has more than 3 GiB
+//! (1 GiB-aligned end of RAM, at least 4 GiB) 64-bit PCI BARs, 64 GiB
 //! ```
 //! The gap starts 1 GiB-aligned so that 1G hugepages back both RAM regions.
 
@@ -13,6 +15,27 @@ use vm_memory::GuestAddress;
 pub const MMIO_GAP_START: u64 = 0xc000_0000;
 /// End of the MMIO gap.
 pub const MMIO_GAP_END: u64 = 1 << 32;
+/// PCI BARs below 4 GiB (32-bit BARs; small 64-bit ones too).
+pub const PCI_MMIO32_START: u64 = 0xc000_0000;
+/// Size of the 32-bit BAR window.
+pub const PCI_MMIO32_SIZE: u64 = 0x2000_0000;
+/// PCI ECAM (memory-mapped config space), 1 MiB per bus, 256 buses.
+pub const PCI_ECAM_START: u64 = 0xe000_0000;
+/// Size of the ECAM window.
+pub const PCI_ECAM_SIZE: u64 = 0x1000_0000;
+/// Size of the 64-bit BAR window above RAM.
+pub const PCI_MMIO64_SIZE: u64 = 64 << 30;
+
+/// Start of the 64-bit BAR window for a guest with `ram` bytes: past the end of RAM,
+/// 1 GiB-aligned, never below 4 GiB.
+pub fn pci_mmio64_start(ram: u64) -> u64 {
+    let top = match ram_ranges(ram).last() {
+        Some((start, len)) => start.0 + *len as u64,
+        None => 0,
+    };
+    top.max(MMIO_GAP_END).next_multiple_of(1 << 30)
+}
+
 /// KVM's three-page TSS for real-mode emulation on Intel (must be below 4 GiB, not RAM).
 pub const KVM_TSS_ADDR: u64 = 0xfffb_d000;
 /// KVM's identity-map page for real-mode emulation on Intel.
@@ -117,6 +140,18 @@ mod tests {
         assert_eq!(map[3], (1 << 32, 5 << 30, 1));
         let ram: u64 = map.iter().filter(|e| e.2 == E820_RAM).map(|e| e.1).sum();
         assert_eq!(ram + 0x60400, 8 << 30, "only the BIOS hole is held back");
+    }
+
+    #[test]
+    fn pci_windows_sit_in_the_gap_and_past_ram() {
+        const {
+            assert!(PCI_MMIO32_START >= MMIO_GAP_START);
+            assert!(PCI_MMIO32_START + PCI_MMIO32_SIZE <= PCI_ECAM_START);
+            assert!(PCI_ECAM_START + PCI_ECAM_SIZE <= 0xfec0_0000);
+        }
+        assert_eq!(pci_mmio64_start(512 << 20), 1 << 32);
+        assert_eq!(pci_mmio64_start(8 << 30), 9 << 30);
+        assert_eq!(pci_mmio64_start((3 << 30) + 1), 5 << 30);
     }
 
     #[test]

@@ -125,6 +125,7 @@ pub struct VfioPciDevice {
     msix: Option<Msix>,
     intx: Option<Intx>,
     interrupt_line: u8,
+    released: bool,
 }
 
 impl VfioPciDevice {
@@ -146,6 +147,7 @@ impl VfioPciDevice {
             msix: None,
             intx: None,
             interrupt_line: 0xff,
+            released: false,
         };
         dev.probe_bars(alloc);
         dev.probe_msix()?;
@@ -694,16 +696,24 @@ impl PciDevice for VfioPciDevice {
     }
 }
 
-impl Drop for VfioPciDevice {
-    fn drop(&mut self) {
+impl VfioPciDevice {
+    /// Takes the device out of the guest: interrupts unrouted and disabled, BAR slots
+    /// removed, the function reset. Idempotent; also done on drop.
+    pub fn release(&mut self) {
+        if self.released {
+            return;
+        }
+        self.released = true;
         if let Some(m) = &mut self.msix {
             for v in &mut m.vectors {
                 if v.routed {
                     let _ = self.vm.unregister_irqfd(&v.evt, v.gsi);
+                    v.routed = false;
                 }
             }
             if m.vfio_enabled {
                 let _ = self.backend.disable_irq(MSIX_IRQ);
+                m.vfio_enabled = false;
             }
         }
         self.disable_intx();
@@ -719,6 +729,12 @@ impl Drop for VfioPciDevice {
         }
         // Leave the device quiet for whoever uses it next.
         self.backend.reset();
+    }
+}
+
+impl Drop for VfioPciDevice {
+    fn drop(&mut self) {
+        self.release();
     }
 }
 
@@ -899,16 +915,19 @@ mod tests {
     }
 
     #[test]
-    fn dropping_the_device_releases_slots_routes_and_resets_it() {
+    fn releasing_the_device_frees_slots_and_routes_and_resets_it_once() {
         let (mut dev, fake, vm) = build(FakeOptions::default());
         program_vector(&mut dev, 0, 0x40, false);
         enable_msix(&mut dev);
-        drop(dev);
+        dev.release();
         let s = vm.state();
         assert!(s.slots.is_empty() && s.irqfds.is_empty() && s.level_irqfds.is_empty());
         let log = fake.log();
         assert_eq!(log.resets, 1);
         assert_eq!(log.irqs.last(), Some(&(MSIX_IRQ, 0)));
+        // Dropping after release does not reset the device twice.
+        drop(dev);
+        assert_eq!(fake.log().resets, 1);
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::sync::{Arc, Condvar, Mutex, Once};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use devices::PioBus;
+use devices::{MmioBus, PioBus};
 use kvm_bindings::{
     kvm_run, KVM_INTERNAL_ERROR_EMULATION, KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES,
     KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
@@ -258,6 +258,8 @@ pub struct Vcpu {
     pub host_cpu: Option<usize>,
     /// Port-I/O devices.
     pub pio: Arc<PioBus>,
+    /// MMIO devices (PCI config and trapped BAR pages).
+    pub mmio: Arc<MmioBus>,
     /// Guest RAM, to read the bytes of an instruction KVM failed to emulate.
     pub mem: GuestMemoryMmap,
     /// State shared with the VMM.
@@ -366,9 +368,13 @@ impl Vcpu {
                 Ok(VcpuExit::IoOut(port, data)) => {
                     self.pio.write(port.into(), data);
                 }
-                // No MMIO devices yet: reads float high, writes vanish.
-                Ok(VcpuExit::MmioRead(_, data)) => data.fill(0xff),
-                Ok(VcpuExit::MmioWrite(..)) => {}
+                // Unclaimed addresses read all ones and drop writes.
+                Ok(VcpuExit::MmioRead(addr, data)) => {
+                    self.mmio.read(addr, data);
+                }
+                Ok(VcpuExit::MmioWrite(addr, data)) => {
+                    self.mmio.write(addr, data);
+                }
                 Ok(VcpuExit::Hlt) => return Some(GuestExit::Halted),
                 Ok(VcpuExit::Shutdown) => return Some(GuestExit::TripleFault { vcpu }),
                 Ok(VcpuExit::SystemEvent(kind, _)) => {
