@@ -126,6 +126,9 @@ pub struct VfioPciDevice {
     intx: Option<Intx>,
     interrupt_line: u8,
     released: bool,
+    /// Capability pointers rewritten to skip hidden capabilities: (register whose
+    /// pointer byte changes, new pointer). Empty when nothing is hidden.
+    cap_links: Vec<(usize, u8)>,
 }
 
 impl VfioPciDevice {
@@ -148,9 +151,11 @@ impl VfioPciDevice {
             intx: None,
             interrupt_line: 0xff,
             released: false,
+            cap_links: Vec::new(),
         };
         dev.probe_bars(alloc);
         dev.probe_msix()?;
+        dev.hide_msi();
         dev.setup_intx(intx_gsi)?;
         for i in 0..6 {
             dev.map_bar(i)?;
@@ -257,24 +262,47 @@ impl VfioPciDevice {
         Ok(())
     }
 
-    /// Walks the capability list for `id`; bounded, so a looping list cannot hang us.
-    fn find_capability(&self, id: u8) -> Option<usize> {
+    /// The capability list as (offset, id), in list order; bounded, so a looping
+    /// list cannot hang us.
+    fn capabilities(&self) -> Vec<(usize, u8)> {
+        let mut caps = Vec::new();
         let status = (self.config_dword(regs::COMMAND) >> 16) as u16;
         if status & regs::STATUS_CAP_LIST == 0 {
-            return None;
+            return caps;
         }
         let mut ptr = (self.config_dword(regs::CAP_PTR) & 0xfc) as usize;
-        for _ in 0..48 {
-            if !(0x40..regs::CONFIG_SIZE).contains(&ptr) {
-                return None;
-            }
+        while (0x40..regs::CONFIG_SIZE).contains(&ptr) && caps.len() < 48 {
             let head = self.config_dword(ptr);
-            if head as u8 == id {
-                return Some(ptr);
-            }
+            caps.push((ptr, head as u8));
             ptr = ((head >> 8) & 0xfc) as usize;
         }
-        None
+        caps
+    }
+
+    fn find_capability(&self, id: u8) -> Option<usize> {
+        self.capabilities()
+            .into_iter()
+            .find_map(|(at, cap)| (cap == id).then_some(at))
+    }
+
+    /// Unlinks MSI from the list the guest walks: hpcvm routes MSI-X and INTx, and a
+    /// driver falling back to MSI would enable it in config space only, where vfio-pci
+    /// does not turn it on, and wait for interrupts that never come.
+    fn hide_msi(&mut self) {
+        let caps = self.capabilities();
+        let visible: Vec<usize> = caps
+            .iter()
+            .filter(|(_, id)| *id != regs::CAP_MSI)
+            .map(|(at, _)| *at)
+            .collect();
+        if visible.len() == caps.len() {
+            return;
+        }
+        let mut links = vec![(regs::CAP_PTR, visible.first().copied().unwrap_or(0) as u8)];
+        for (i, &at) in visible.iter().enumerate() {
+            links.push((at, visible.get(i + 1).copied().unwrap_or(0) as u8));
+        }
+        self.cap_links = links;
     }
 
     /// INTx: the device's line signals `evt`; KVM asserts `gsi` (level) and writes
@@ -610,7 +638,15 @@ impl PciDevice for VfioPciDevice {
                 (self.config_dword(reg) & 0xffff_0000) | pin | u32::from(self.interrupt_line)
             }
             r => {
-                let value = self.config_dword(r);
+                let mut value = self.config_dword(r);
+                if let Some(&(_, next)) = self.cap_links.iter().find(|(at, _)| *at == r) {
+                    // The pointer is the low byte of CAP_PTR, byte 1 of a capability.
+                    value = if r == regs::CAP_PTR {
+                        (value & !0xff) | u32::from(next)
+                    } else {
+                        (value & !0xff00) | u32::from(next) << 8
+                    };
+                }
                 match &self.msix {
                     Some(m) if m.cap == r => (value & 0xffff) | u32::from(m.table.control()) << 16,
                     _ => value,
@@ -905,6 +941,21 @@ mod tests {
         assert_eq!(dev.config_read(regs::INTERRUPT) & 0xffff, 0x0110);
         dev.config_write(regs::INTERRUPT, 0, &[5]);
         assert_eq!(dev.config_read(regs::INTERRUPT) & 0xffff, 0x0105);
+    }
+
+    #[test]
+    fn msi_is_unlinked_from_the_capability_list_the_guest_walks() {
+        let (mut dev, _, _) = build(FakeOptions {
+            msi_cap: true,
+            ..Default::default()
+        });
+        // The device's list is 0x50 (MSI) -> 0x40 (MSI-X); the guest's is 0x40 alone.
+        assert_eq!(dev.config_read(regs::CAP_PTR) & 0xff, 0x40);
+        assert_eq!((dev.config_read(0x40) >> 8) & 0xff, 0);
+        assert_eq!(dev.config_read(0x40) & 0xff, u32::from(regs::CAP_MSIX));
+        // Without MSI nothing is rewritten.
+        let (mut plain, _, _) = build(FakeOptions::default());
+        assert_eq!(plain.config_read(regs::CAP_PTR) & 0xff, 0x40);
     }
 
     #[test]

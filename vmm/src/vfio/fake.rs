@@ -65,6 +65,8 @@ pub struct FakeOptions {
     pub mappable: bool,
     /// VFIO's sparse-mmap capability for BAR 0 (None: all of it mappable).
     pub sparse: Option<Vec<(u64, u64)>>,
+    /// An MSI capability at 0x50, first in the list (before MSI-X).
+    pub msi_cap: bool,
 }
 
 impl Default for FakeOptions {
@@ -73,6 +75,7 @@ impl Default for FakeOptions {
             bar0_64bit: false,
             mappable: true,
             sparse: None,
+            msi_cap: false,
         }
     }
 }
@@ -134,6 +137,11 @@ impl FakeVfio {
         );
         put(&mut c, MSIX_CAP + 4, MSIX_TABLE as u32);
         put(&mut c, MSIX_CAP + 8, MSIX_PBA as u32);
+        if options.msi_cap {
+            // MSI, 64-bit, 1 vector, pointing on to MSI-X.
+            put(&mut c, 0x50, 0x0080 << 16 | (MSIX_CAP as u32) << 8 | 0x05);
+            put(&mut c, regs::CAP_PTR, 0x50);
+        }
         Ok(Self {
             options,
             config: Mutex::new(c),
