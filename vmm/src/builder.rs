@@ -59,9 +59,10 @@ pub fn run_with(config: &VmConfig, extra: Vec<Passthrough>) -> Result<Outcome, E
 
     let vm = Arc::new(Vm::new(config.cpus.count)?);
     // In-kernel devices on one thread, guest RAM and the kernel image on this one.
+    let pci_intx = crate::pci::intx_routes(host_devices.len() + extra.len());
     let (irqchip, loaded) = std::thread::scope(|s| {
         let irqchip = s.spawn(|| vm.create_irqchip());
-        let loaded = prepare_memory(config, &allowed, software_kvm);
+        let loaded = prepare_memory(config, &allowed, software_kvm, &pci_intx);
         (irqchip.join(), loaded)
     });
     irqchip.map_err(|_| io_err("the irqchip thread")(std::io::Error::other("panicked")))??;
@@ -225,6 +226,7 @@ fn prepare_memory(
     config: &VmConfig,
     allowed: &[usize],
     software_kvm: bool,
+    pci_intx: &[boot::mptable::PciIntx],
 ) -> Result<(GuestMemoryMmap, BootImage, Vec<VcpuPlace>), Error> {
     let mem = memory::create_guest_memory(&config.memory)?;
     if config.memory.prefault {
@@ -247,7 +249,7 @@ fn prepare_memory(
     boot::params::write(&image, &mem, ram)?;
     boot::regs::write_tables(&mem, image.protocol)?;
     let places = places(&config.cpus.topology);
-    boot::mptable::write(&mem, &places)?;
+    boot::mptable::write(&mem, &places, pci_intx)?;
     Ok((mem, image, places))
 }
 

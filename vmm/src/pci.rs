@@ -24,6 +24,15 @@ const CONFIG_IO_PORT: u64 = 0xcf8;
 /// IOAPIC pins PCI INTx lines are spread over (level-triggered, not ISA).
 const INTX_GSI_BASE: u32 = 16;
 
+/// (device number on bus 0, INTx GSI) of the `n`-th passthrough device: devices take
+/// slots 1, 2, ... in order (the host bridge is 0), their INTx lines IOAPIC pins
+/// 16-23 in turn. The MP table is written from this before the devices are opened.
+pub fn intx_routes(devices: usize) -> Vec<(u8, u8)> {
+    (0..devices.min(31))
+        .map(|i| (i as u8 + 1, (INTX_GSI_BASE as usize + i % 8) as u8))
+        .collect()
+}
+
 /// Errors building the bus.
 #[derive(Debug, Error)]
 pub enum PciError {
@@ -118,6 +127,9 @@ impl PciBus {
                 }
             })?,
         };
+        if passthrough.len() > 31 {
+            return Err(PciError::BusFull(passthrough[31].backend.name()));
+        }
         for p in passthrough {
             if !bus.dma.iter().any(|d| Arc::ptr_eq(d, &p.dma)) {
                 p.dma
@@ -128,14 +140,14 @@ impl PciBus {
                     })?;
                 bus.dma.push(p.dma.clone());
             }
-            let slot = bus.devices.len() as u32 + 1;
-            let intx = INTX_GSI_BASE + (slot - 1) % 8;
-            let dev = VfioPciDevice::new(p.backend.clone(), vm.clone(), &mut windows, Some(intx))?;
+            let intx = intx_routes(bus.devices.len() + 1)
+                .last()
+                .map(|&(_, gsi)| u32::from(gsi));
+            let dev = VfioPciDevice::new(p.backend.clone(), vm.clone(), &mut windows, intx)?;
             let dev = Arc::new(Mutex::new(dev));
             bus.devices.push(dev.clone());
-            if lock(&root).add(dev).is_none() {
-                return Err(PciError::BusFull(p.backend.name()));
-            }
+            let slot = lock(&root).add(dev);
+            debug_assert_eq!(slot, intx_routes(bus.devices.len()).last().map(|r| r.0));
         }
         pio.insert(
             CONFIG_IO_PORT,

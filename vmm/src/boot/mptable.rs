@@ -28,10 +28,18 @@ const INT_TYPE_INT: u8 = 0;
 const INT_TYPE_NMI: u8 = 1;
 const INT_TYPE_EXTINT: u8 = 3;
 const BUS_ISA: u8 = 0;
+const BUS_PCI: u8 = 1;
+/// I/O interrupt flags for PCI INTx: active high, level triggered (how KVM's IOAPIC
+/// and hpcvm's resample irqfds treat the line).
+const PCI_INTX_FLAGS: u8 = 0b1101;
 
-/// Builds the floating pointer and configuration table for `cpus`; returns
-/// (floating pointer bytes, config table bytes).
-pub fn build(cpus: &[VcpuPlace]) -> (Vec<u8>, Vec<u8>) {
+/// A PCI device whose INTx lines the table routes: (device number on bus 0, GSI).
+pub type PciIntx = (u8, u8);
+
+/// Builds the floating pointer and configuration table for `cpus` and, when there is
+/// a PCI bus, the INTx routes of its devices; returns (floating pointer bytes, config
+/// table bytes).
+pub fn build(cpus: &[VcpuPlace], pci: &[PciIntx]) -> (Vec<u8>, Vec<u8>) {
     let ioapic_id = cpus.iter().map(|c| c.apic_id).max().unwrap_or(0) as u8 + 1;
     let mut entries = Vec::new();
     let mut count: u16 = 0;
@@ -47,6 +55,11 @@ pub fn build(cpus: &[VcpuPlace]) -> (Vec<u8>, Vec<u8>) {
     entries.extend_from_slice(&[ENTRY_BUS, BUS_ISA]);
     entries.extend_from_slice(b"ISA   ");
     count += 1;
+    if !pci.is_empty() {
+        entries.extend_from_slice(&[ENTRY_BUS, BUS_PCI]);
+        entries.extend_from_slice(b"PCI   ");
+        count += 1;
+    }
     entries.extend_from_slice(&[ENTRY_IOAPIC, ioapic_id, IOAPIC_VERSION, 1]);
     entries.extend_from_slice(&IOAPIC_ADDR.to_le_bytes());
     count += 1;
@@ -63,6 +76,22 @@ pub fn build(cpus: &[VcpuPlace]) -> (Vec<u8>, Vec<u8>) {
             irq,
         ]);
         count += 1;
+    }
+    // INTA-INTD of each PCI device -> its IOAPIC pin; source IRQ = device << 2 | pin.
+    for &(dev, gsi) in pci {
+        for pin in 0..4 {
+            entries.extend_from_slice(&[
+                ENTRY_IOINT,
+                INT_TYPE_INT,
+                PCI_INTX_FLAGS,
+                0,
+                BUS_PCI,
+                dev << 2 | pin,
+                ioapic_id,
+                gsi,
+            ]);
+            count += 1;
+        }
     }
     // LINT0 of every LAPIC is ExtINT (the 8259), LINT1 is NMI.
     entries.extend_from_slice(&[ENTRY_LINT, INT_TYPE_EXTINT, 0, 0, BUS_ISA, 0, 0xff, 0]);
@@ -95,9 +124,9 @@ pub fn build(cpus: &[VcpuPlace]) -> (Vec<u8>, Vec<u8>) {
     (fp, table)
 }
 
-/// Writes the MP table for `cpus` into guest RAM.
-pub fn write(mem: &GuestMemoryMmap, cpus: &[VcpuPlace]) -> Result<(), BootError> {
-    let (fp, table) = build(cpus);
+/// Writes the MP table for `cpus` and `pci` devices into guest RAM.
+pub fn write(mem: &GuestMemoryMmap, cpus: &[VcpuPlace], pci: &[PciIntx]) -> Result<(), BootError> {
+    let (fp, table) = build(cpus, pci);
     let err = |e: vm_memory::GuestMemoryError| BootError::GuestWrite {
         what: "the MP table",
         detail: e.to_string(),
@@ -130,7 +159,7 @@ mod tests {
             cores: 4,
             threads: 1,
         });
-        let (fp, table) = build(&cpus);
+        let (fp, table) = build(&cpus, &[]);
         assert_eq!(fp.len(), 16);
         assert_eq!(sum(&fp), 0);
         assert_eq!(sum(&table), 0);
@@ -149,7 +178,7 @@ mod tests {
             cores: 3,
             threads: 1,
         });
-        let (_, table) = build(&cpus);
+        let (_, table) = build(&cpus, &[]);
         let count = u16::from_le_bytes(table[0x22..0x24].try_into().unwrap());
         let mut off = 44;
         let mut ids = Vec::new();
@@ -182,7 +211,35 @@ mod tests {
             cores: 254,
             threads: 1,
         });
-        let (_, table) = build(&cpus);
+        let (_, table) = build(&cpus, &[]);
         assert!(MPTABLE_CONFIG_START + table.len() as u64 <= 0x10_0000);
+    }
+
+    #[test]
+    fn pci_devices_get_a_bus_and_their_intx_routes() {
+        let cpus = places(&"1".parse::<crate::config::CpusConfig>().unwrap().topology);
+        let (_, plain) = build(&cpus, &[]);
+        let (_, table) = build(&cpus, &[(1, 16), (2, 17)]);
+        // One bus entry (8 bytes) and 4 pins x 2 devices of I/O interrupt entries.
+        assert_eq!(table.len(), plain.len() + 8 + 8 * 8);
+        assert_eq!(sum(&table), 0);
+        let pci_bus = table
+            .windows(8)
+            .any(|w| w == [ENTRY_BUS, BUS_PCI, b'P', b'C', b'I', b' ', b' ', b' ']);
+        assert!(pci_bus);
+        // INTB of device 2 -> IOAPIC pin 17, level, active high.
+        let intb = [
+            ENTRY_IOINT,
+            INT_TYPE_INT,
+            PCI_INTX_FLAGS,
+            0,
+            BUS_PCI,
+            2 << 2 | 1,
+        ];
+        let at = table
+            .windows(6)
+            .position(|w| w == intb)
+            .expect("INTB route");
+        assert_eq!(table[at + 7], 17);
     }
 }
