@@ -48,8 +48,19 @@ pub struct Finished {
 
 /// Runs `hpcvm ARGS` to completion; kills it and panics past `timeout`.
 pub fn run_hpcvm(args: &[&str], timeout: Duration) -> Finished {
+    run_program(&hpcvm_bin(), args, timeout)
+}
+
+/// Runs `program ARGS` to completion (stdin empty); kills it and panics past `timeout`.
+pub fn run_program(program: &std::path::Path, args: &[&str], timeout: Duration) -> Finished {
     let start = Instant::now();
-    let mut child = spawn(args);
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {}: {e}", program.display()));
     let (out_rx, err_rx) = drain(&mut child);
     loop {
         if let Some(status) = child.try_wait().expect("wait for hpcvm") {
@@ -64,7 +75,8 @@ pub fn run_hpcvm(args: &[&str], timeout: Duration) -> Finished {
             let _ = child.kill();
             let _ = child.wait();
             panic!(
-                "hpcvm {args:?} still running after {timeout:?}; stdout so far: {:?}",
+                "{} {args:?} still running after {timeout:?}; stdout so far: {:?}",
+                program.display(),
                 out_rx
                     .recv_timeout(Duration::from_secs(1))
                     .unwrap_or_default()
@@ -99,6 +111,11 @@ pub fn run_guest(name: &str, extra: &[&str]) -> Finished {
 pub fn start_guest(name: &str, extra: &[&str]) -> RunningVm {
     let args = guest_args(name, extra);
     RunningVm::start(&args.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
+/// Path of another binary of this workspace, built beside `hpcvm`.
+pub fn sibling_bin(name: &str) -> PathBuf {
+    hpcvm_bin().with_file_name(name)
 }
 
 /// Starts `hpcvm ARGS` with piped stdout/stderr and no stdin.
