@@ -162,3 +162,39 @@ fn a_host_without_iommu_refuses_a_real_device_with_the_fix() {
         r.stderr
     );
 }
+
+#[test]
+fn doctor_fails_a_requested_device_with_the_fix_and_passes_a_plain_host() {
+    let r = run_hpcvm(
+        &["doctor", "--device", "vfio=0000:fe:1f.7", "--memory", "64M"],
+        Duration::from_secs(30),
+    );
+    assert_eq!(r.code, Some(1), "{}{}", r.stdout, r.stderr);
+    assert!(
+        r.stdout
+            .contains("FAIL  device 0000:fe:1f.7: No PCI device 0000:fe:1f.7")
+            && r.stdout
+                .contains("fix: list the host's devices with `lspci -D`"),
+        "{}",
+        r.stdout
+    );
+    // Nothing requested that cannot work: warnings (software KVM, no IOMMU) only.
+    let r = run_hpcvm(&["doctor"], Duration::from_secs(30));
+    assert_eq!(r.code, Some(0), "{}{}", r.stdout, r.stderr);
+    assert!(
+        r.stdout.starts_with("ok    kvm: /dev/kvm opens"),
+        "{}",
+        r.stdout
+    );
+}
+
+#[test]
+fn sriov_bind_of_an_unknown_device_fails_with_how_to_list_devices() {
+    let r = run_hpcvm(&["sriov", "bind", "0000:fe:1f.7"], Duration::from_secs(30));
+    assert_eq!(r.code, Some(1), "{}{}", r.stdout, r.stderr);
+    assert!(
+        r.stderr.contains("No PCI device 0000:fe:1f.7") && r.stderr.contains("hpcvm sriov list"),
+        "{}",
+        r.stderr
+    );
+}

@@ -293,6 +293,8 @@ fn asked_pool(paths: &HostPaths, m: MemoryConfig) -> Check {
 }
 
 fn device(paths: &HostPaths, spec: &str, memory: Option<MemoryConfig>) -> Vec<Check> {
+    // Also as `hpcvm run --device` takes it.
+    let spec = spec.strip_prefix("vfio=").unwrap_or(spec);
     let name = format!("device {spec}");
     let dev = match host::resolve(paths, spec) {
         Ok(d) => d,
@@ -529,6 +531,12 @@ mod tests {
         let (report, _) = run(&h, &request(&["5e:00.0"], None), ROOMY);
         assert!(
             report.contains("No PCI device 0000:5e:00.0") && report.contains("lspci -D"),
+            "{report}"
+        );
+        // The spelling `hpcvm run --device` takes works too.
+        let (report, _) = run(&h, &request(&["vfio=3b:00.2"], None), ROOMY);
+        assert!(
+            report.contains("FAIL  device 3b:00.2: 0000:3b:00.2 is bound"),
             "{report}"
         );
     }
