@@ -77,6 +77,30 @@ struct MappedArea {
     slot: Option<u32>,
 }
 
+impl MappedArea {
+    /// Gives the area to the guest at `bar_addr + offset`.
+    fn map(&mut self, vm: &dyn DeviceVm, bar_addr: u64) -> Result<(), VmError> {
+        // SAFETY: the mapping lives in this area, which removes the slot (unmap,
+        // called by release() before the area is dropped) before unmapping it.
+        let slot = unsafe {
+            vm.map_memory(
+                bar_addr + self.offset,
+                self.mapping.as_ptr(),
+                self.mapping.len(),
+            )
+        }?;
+        self.slot = Some(slot);
+        Ok(())
+    }
+
+    /// Takes the area out of the guest.
+    fn unmap(&mut self, vm: &dyn DeviceVm) {
+        if let Some(slot) = self.slot.take() {
+            let _ = vm.unmap_memory(slot);
+        }
+    }
+}
+
 struct Bar {
     kind: BarKind,
     /// The low type bits the guest reads back (memory type, prefetchable).
@@ -169,6 +193,14 @@ impl VfioPciDevice {
         u32::from_le_bytes(d)
     }
 
+    /// An eventfd for one of the device's interrupts.
+    fn eventfd(&self) -> Result<EventFd, PassthroughError> {
+        EventFd::new(EFD_NONBLOCK).map_err(|source| PassthroughError::EventFd {
+            device: self.name.clone(),
+            source,
+        })
+    }
+
     fn vm_err(&self) -> impl FnOnce(VmError) -> PassthroughError + '_ {
         move |source| PassthroughError::Vm {
             device: self.name.clone(),
@@ -238,10 +270,7 @@ impl VfioPciDevice {
         }
         let mut v = Vec::with_capacity(vectors);
         for _ in 0..vectors {
-            let evt = EventFd::new(EFD_NONBLOCK).map_err(|source| PassthroughError::EventFd {
-                device: self.name.clone(),
-                source,
-            })?;
+            let evt = self.eventfd()?;
             let gsi = self.vm.allocate_msi_gsi().map_err(self.vm_err())?;
             v.push(Vector {
                 gsi,
@@ -312,16 +341,10 @@ impl VfioPciDevice {
         let (Some(gsi), true) = (gsi, pin != 0 && self.backend.irq_count(INTX_IRQ) > 0) else {
             return Ok(());
         };
-        let efd = || {
-            EventFd::new(EFD_NONBLOCK).map_err(|source| PassthroughError::EventFd {
-                device: self.name.clone(),
-                source,
-            })
-        };
         let intx = Intx {
             gsi,
-            evt: efd()?,
-            resample: efd()?,
+            evt: self.eventfd()?,
+            resample: self.eventfd()?,
             enabled: false,
         };
         self.vm
@@ -370,16 +393,15 @@ impl VfioPciDevice {
     /// mmaps the mappable parts of BAR `i` (all of it but the MSI-X pages, within
     /// the sparse areas VFIO allows) and gives them to the guest as memory slots.
     fn map_bar(&mut self, i: usize) -> Result<(), PassthroughError> {
-        let Some(bar) = &self.bars[i] else {
+        if self.bars[i].is_none() {
             return Ok(());
-        };
+        }
         let info = self.backend.region(i as u32);
         if !info.mappable || info.size < PAGE {
             return Ok(());
         }
         let allowed = info.sparse.clone().unwrap_or(vec![(0, info.size)]);
         let areas = subtract(&allowed, &self.trapped_pages(i));
-        let addr = bar.addr;
         let mut mapped = Vec::new();
         for (offset, len) in areas {
             let mapping = self.backend.map(i as u32, offset, len).map_err(|source| {
@@ -395,24 +417,19 @@ impl VfioPciDevice {
                 slot: None,
             });
         }
-        for area in &mut mapped {
-            // SAFETY: the mapping lives in `self.bars[i]` until the slot is removed
-            // (unmap_bar, drop).
-            let slot = unsafe {
-                self.vm.map_memory(
-                    addr + area.offset,
-                    area.mapping.as_ptr(),
-                    area.mapping.len(),
-                )
-            }
-            .map_err(|source| PassthroughError::Vm {
-                device: self.name.clone(),
-                source,
-            })?;
-            area.slot = Some(slot);
-        }
-        if let Some(bar) = &mut self.bars[i] {
-            bar.mapped = mapped;
+        // Kept in the BAR before any slot exists, so that a failure part way leaves
+        // every slot made so far where release() (on drop) removes it.
+        let vm = self.vm.clone();
+        let Some(bar) = &mut self.bars[i] else {
+            return Ok(());
+        };
+        bar.mapped = mapped;
+        for area in &mut bar.mapped {
+            area.map(vm.as_ref(), bar.addr)
+                .map_err(|source| PassthroughError::Vm {
+                    device: self.name.clone(),
+                    source,
+                })?;
         }
         Ok(())
     }
@@ -424,18 +441,9 @@ impl VfioPciDevice {
             return;
         };
         for area in &mut bar.mapped {
-            if let Some(slot) = area.slot.take() {
-                let _ = vm.unmap_memory(slot);
-            }
-            // SAFETY: as in map_bar: the mapping outlives its slot.
-            let slot = unsafe {
-                vm.map_memory(
-                    bar.addr + area.offset,
-                    area.mapping.as_ptr(),
-                    area.mapping.len(),
-                )
-            };
-            area.slot = slot.ok();
+            area.unmap(vm.as_ref());
+            // A slot KVM refuses here leaves that part of the BAR trapped.
+            let _ = area.map(vm.as_ref(), bar.addr);
         }
     }
 
@@ -630,12 +638,14 @@ impl PciDevice for VfioPciDevice {
             // No expansion ROM: option ROMs are for firmware we do not run.
             regs::ROM => 0,
             regs::INTERRUPT => {
+                let value = self.config_dword(reg);
+                // No pin without an INTx route: the guest must not wait on one.
                 let pin = if self.intx.is_some() {
-                    self.config_dword(reg) & 0xff00
+                    value & 0xff00
                 } else {
                     0
                 };
-                (self.config_dword(reg) & 0xffff_0000) | pin | u32::from(self.interrupt_line)
+                (value & 0xffff_0000) | pin | u32::from(self.interrupt_line)
             }
             r => {
                 let mut value = self.config_dword(r);
@@ -758,9 +768,7 @@ impl VfioPciDevice {
         }
         for bar in self.bars.iter_mut().flatten() {
             for area in &mut bar.mapped {
-                if let Some(slot) = area.slot.take() {
-                    let _ = self.vm.unmap_memory(slot);
-                }
+                area.unmap(self.vm.as_ref());
             }
         }
         // Leave the device quiet for whoever uses it next.
@@ -978,6 +986,21 @@ mod tests {
         assert_eq!(log.irqs.last(), Some(&(MSIX_IRQ, 0)));
         // Dropping after release does not reset the device twice.
         drop(dev);
+        assert_eq!(fake.log().resets, 1);
+    }
+
+    #[test]
+    fn a_slot_refused_part_way_leaves_no_slot_behind() {
+        let fake = Arc::new(FakeVfio::new(FakeOptions::default()).unwrap());
+        // BAR 0 needs two slots (either side of the MSI-X pages); allow one.
+        let vm = Arc::new(FakeVm::with_slot_limit(1));
+        let mut alloc = Bump(0xc000_0000, 0x40_0000_0000);
+        let err = VfioPciDevice::new(fake.clone(), vm.clone(), &mut alloc, Some(16))
+            .err()
+            .expect("the second slot is refused");
+        assert!(err.to_string().contains("Out of KVM memory slots"), "{err}");
+        let s = vm.state();
+        assert!(s.slots.is_empty() && s.level_irqfds.is_empty(), "{s:?}");
         assert_eq!(fake.log().resets, 1);
     }
 

@@ -399,9 +399,19 @@ pub struct FakeVm {
     state: Mutex<FakeVmState>,
     next_slot: Mutex<u32>,
     next_gsi: Mutex<u32>,
+    slot_limit: Option<usize>,
 }
 
 impl FakeVm {
+    /// A VM that refuses memory slots beyond `n` live ones, as KVM does when its
+    /// slots run out.
+    pub fn with_slot_limit(n: usize) -> Self {
+        Self {
+            slot_limit: Some(n),
+            ..Default::default()
+        }
+    }
+
     /// A copy of what has been recorded.
     pub fn state(&self) -> FakeVmState {
         lock(&self.state).clone()
@@ -415,9 +425,13 @@ impl crate::vstate::DeviceVm for FakeVm {
         _host: *mut u8,
         len: u64,
     ) -> Result<u32, crate::vstate::VmError> {
+        let mut state = lock(&self.state);
+        if let Some(max) = self.slot_limit.filter(|&m| state.slots.len() >= m) {
+            return Err(crate::vstate::VmError::OutOfSlots { max });
+        }
         let mut n = lock(&self.next_slot);
         *n += 1;
-        lock(&self.state).slots.insert(*n, (gpa, len));
+        state.slots.insert(*n, (gpa, len));
         Ok(*n)
     }
 
