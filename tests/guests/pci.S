@@ -116,12 +116,7 @@ scan:
 	mov %edi, pt_id
 1:	mov $msg_pci, %esi
 	call puts32
-	mov %ebx, %eax
-	call put_bdf
-	mov $' ', %al
-	call putc
-	mov %edi, %eax
-	call put_id
+	call put_dev
 	mov $msg_class, %esi
 	call puts32
 	mov $PCI_CLASS, %ecx
@@ -146,12 +141,7 @@ scan_next:
 	mov ECAM_BASE + PCI_ID(%eax), %edi
 	mov $msg_ecam, %esi
 	call puts32
-	mov %ebx, %eax
-	call put_bdf
-	mov $' ', %al
-	call putc
-	mov %edi, %eax
-	call put_id
+	call put_dev
 	call newline
 	cmp pt_id, %edi
 	je bar_size
@@ -650,6 +640,16 @@ put_bdf:
 	call puthex32
 	mov $msg_fn0, %esi
 	jmp puts32
+
+/* put_dev: "00:DD.0 VVVV:DDDD" for device %ebx with id dword %edi.
+ * Clobbers %eax, %ecx, %edx, %esi. */
+put_dev:
+	mov %ebx, %eax
+	call put_bdf
+	mov $' ', %al
+	call putc
+	mov %edi, %eax
+	jmp put_id
 
 /* put_id: "VVVV:DDDD" for the id dword %eax.  Clobbers %eax, %ecx, %edx. */
 put_id:

@@ -54,13 +54,7 @@ pub fn run_hpcvm(args: &[&str], timeout: Duration) -> Finished {
 /// Runs `program ARGS` to completion (stdin empty); kills it and panics past `timeout`.
 pub fn run_program(program: &std::path::Path, args: &[&str], timeout: Duration) -> Finished {
     let start = Instant::now();
-    let mut child = Command::new(program)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {}: {e}", program.display()));
+    let mut child = spawn_program(program, args);
     let (out_rx, err_rx) = drain(&mut child);
     loop {
         if let Some(status) = child.try_wait().expect("wait for hpcvm") {
@@ -120,13 +114,18 @@ pub fn sibling_bin(name: &str) -> PathBuf {
 
 /// Starts `hpcvm ARGS` with piped stdout/stderr and no stdin.
 pub fn spawn(args: &[&str]) -> Child {
-    Command::new(hpcvm_bin())
+    spawn_program(&hpcvm_bin(), args)
+}
+
+/// Starts `program ARGS` with piped stdout/stderr and no stdin.
+fn spawn_program(program: &std::path::Path, args: &[&str]) -> Child {
+    Command::new(program)
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("spawn hpcvm")
+        .unwrap_or_else(|e| panic!("cannot start {}: {e}", program.display()))
 }
 
 fn drain(child: &mut Child) -> (mpsc::Receiver<String>, mpsc::Receiver<String>) {

@@ -90,16 +90,17 @@ pub fn run_with(config: &VmConfig, extra: Vec<Passthrough>) -> Result<Outcome, E
     let mut mmio = MmioBus::mmio();
     let mut passthrough = vfio::open(&vm.fd, &host_devices)?;
     passthrough.extend(extra);
-    let mut pci = match passthrough.is_empty() {
-        true => None,
-        false => Some(PciBus::build(
+    let pci = if passthrough.is_empty() {
+        None
+    } else {
+        Some(PciBus::build(
             vm.clone(),
             &mem,
             config.memory.size,
             passthrough,
             &mut legacy.pio,
             &mut mmio,
-        )?),
+        )?)
     };
     let buses = Buses {
         pio: Arc::new(std::mem::replace(&mut legacy.pio, PioBus::pio())),
@@ -175,11 +176,8 @@ pub fn run_with(config: &VmConfig, extra: Vec<Passthrough>) -> Result<Outcome, E
     let _ = legacy.console.lock().map(|mut c| c.flush());
     // Devices out of the guest and guest RAM out of the IOMMU before the VM and its
     // memory go.
-    if let Some(pci) = pci.as_mut() {
-        pci.release();
-    }
-    drop(buses);
     drop(pci);
+    drop(buses);
     drop(vm);
     drop(mem);
     drop(api);

@@ -10,8 +10,13 @@ pub fn is_software_kvm() -> bool {
     match std::env::var("HPCVM_SOFTWARE_KVM").as_deref() {
         Ok("1") => true,
         Ok("0") => false,
-        _ => Path::new("/sys/module/kvm_pvm").exists(),
+        _ => kvm_pvm_loaded(Path::new("/sys")),
     }
+}
+
+/// Whether the software-KVM module (kvm_pvm) is loaded, in the sysfs at `sys`.
+pub fn kvm_pvm_loaded(sys: &Path) -> bool {
+    sys.join("module/kvm_pvm").exists()
 }
 
 /// Host CPUs this process may run on (its cpuset / affinity mask), ascending.

@@ -24,13 +24,17 @@ const CONFIG_IO_PORT: u64 = 0xcf8;
 /// IOAPIC pins PCI INTx lines are spread over (level-triggered, not ISA).
 const INTX_GSI_BASE: u32 = 16;
 
-/// (device number on bus 0, INTx GSI) of the `n`-th passthrough device: devices take
-/// slots 1, 2, ... in order (the host bridge is 0), their INTx lines IOAPIC pins
-/// 16-23 in turn. The MP table is written from this before the devices are opened.
+/// (device number on bus 0, INTx GSI) of passthrough device `i` (from 0): devices
+/// take slots 1, 2, ... in order (the host bridge is 0), their INTx lines IOAPIC pins
+/// 16-23 in turn.
+fn intx_route(i: usize) -> (u8, u8) {
+    (i as u8 + 1, (INTX_GSI_BASE as usize + i % 8) as u8)
+}
+
+/// The INTx routes of `devices` passthrough devices, for the MP table, which is
+/// written before the devices are opened.
 pub fn intx_routes(devices: usize) -> Vec<(u8, u8)> {
-    (0..devices.min(31))
-        .map(|i| (i as u8 + 1, (INTX_GSI_BASE as usize + i % 8) as u8))
-        .collect()
+    (0..devices.min(31)).map(intx_route).collect()
 }
 
 /// Errors building the bus.
@@ -140,14 +144,17 @@ impl PciBus {
                     })?;
                 bus.dma.push(p.dma.clone());
             }
-            let intx = intx_routes(bus.devices.len() + 1)
-                .last()
-                .map(|&(_, gsi)| u32::from(gsi));
-            let dev = VfioPciDevice::new(p.backend.clone(), vm.clone(), &mut windows, intx)?;
+            let (slot, gsi) = intx_route(bus.devices.len());
+            let dev = VfioPciDevice::new(
+                p.backend.clone(),
+                vm.clone(),
+                &mut windows,
+                Some(u32::from(gsi)),
+            )?;
             let dev = Arc::new(Mutex::new(dev));
             bus.devices.push(dev.clone());
-            let slot = lock(&root).add(dev);
-            debug_assert_eq!(slot, intx_routes(bus.devices.len()).last().map(|r| r.0));
+            let added = lock(&root).add(dev);
+            debug_assert_eq!(added, Some(slot), "slots fill in order");
         }
         pio.insert(
             CONFIG_IO_PORT,

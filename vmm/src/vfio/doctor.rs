@@ -152,7 +152,7 @@ fn kvm(paths: &HostPaths) -> Vec<Check> {
         .filter(|l| l.starts_with("flags"))
         .flat_map(str::split_whitespace)
         .find(|f| *f == "vmx" || *f == "svm");
-    let kind = if paths.sys.join("module/kvm_pvm").exists() {
+    let kind = if crate::host::kvm_pvm_loaded(&paths.sys) {
         Check::new(
             Status::Warn,
             "kvm kind",
