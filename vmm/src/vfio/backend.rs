@@ -9,20 +9,17 @@ use std::path::Path;
 use std::ptr::NonNull;
 use std::sync::Arc;
 
+use vfio_bindings::bindings::vfio::VFIO_REGION_INFO_FLAG_MMAP;
 use vfio_ioctls::{VfioContainer, VfioDevice, VfioDeviceFd, VfioRegionInfoCap};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
-/// VFIO region index of BAR 0 (BARs are 0-5).
-pub const BAR0_REGION: u32 = 0;
-/// VFIO region index of the PCI config space.
-pub const CONFIG_REGION: u32 = 7;
+/// VFIO region index of the PCI config space (BARs are regions 0-5).
+pub use vfio_bindings::bindings::vfio::VFIO_PCI_CONFIG_REGION_INDEX as CONFIG_REGION;
 /// VFIO interrupt index of INTx.
-pub const INTX_IRQ: u32 = 0;
-/// VFIO interrupt index of MSI.
-pub const MSI_IRQ: u32 = 1;
+pub use vfio_bindings::bindings::vfio::VFIO_PCI_INTX_IRQ_INDEX as INTX_IRQ;
 /// VFIO interrupt index of MSI-X.
-pub const MSIX_IRQ: u32 = 2;
+pub use vfio_bindings::bindings::vfio::VFIO_PCI_MSIX_IRQ_INDEX as MSIX_IRQ;
 
 /// One VFIO region (a BAR, the config space, ...).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -210,7 +207,7 @@ impl VfioBackend for HostVfio {
         });
         RegionInfo {
             size: self.device.get_region_size(index),
-            mappable: flags & vfio_bindings_flags::MMAP != 0,
+            mappable: flags & VFIO_REGION_INFO_FLAG_MMAP != 0,
             sparse,
         }
     }
@@ -251,10 +248,4 @@ impl VfioBackend for HostVfio {
     fn reset(&self) {
         self.device.reset();
     }
-}
-
-/// VFIO region-info flags (include/uapi/linux/vfio.h).
-mod vfio_bindings_flags {
-    /// VFIO_REGION_INFO_FLAG_MMAP.
-    pub const MMAP: u32 = 1 << 2;
 }
