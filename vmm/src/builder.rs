@@ -3,7 +3,7 @@
 
 use std::cell::RefCell;
 use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -193,16 +193,7 @@ struct Buses {
 
 /// Writes the job's initramfs into a memfd.
 fn job_initramfs(job: &JobConfig) -> Result<File, Error> {
-    let name = c"hpcvm-initramfs";
-    // SAFETY: a valid NUL-terminated name; MFD_CLOEXEC keeps it out of children.
-    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
-    if fd < 0 {
-        return Err(io_err("the initramfs memfd")(
-            std::io::Error::last_os_error(),
-        ));
-    }
-    // SAFETY: a fresh descriptor we own.
-    let file = unsafe { File::from_raw_fd(fd) };
+    let file = host::memfd(c"hpcvm-initramfs").map_err(io_err("the initramfs memfd"))?;
     let contents = initramfs::Contents {
         agent: &job.agent,
         busybox: job.busybox.as_deref(),

@@ -1,6 +1,9 @@
 //! Facts about the host hpcvm runs on: its KVM flavour and the CPUs this process may use.
 
+use std::ffi::CStr;
+use std::fs::File;
 use std::io;
+use std::os::fd::FromRawFd;
 use std::path::Path;
 
 /// True when the host's KVM is software virtualization (kvm_pvm: no VMX/SVM). Guest
@@ -17,6 +20,17 @@ pub fn is_software_kvm() -> bool {
 /// Whether the software-KVM module (kvm_pvm) is loaded, in the sysfs at `sys`.
 pub fn kvm_pvm_loaded(sys: &Path) -> bool {
     sys.join("module/kvm_pvm").exists()
+}
+
+/// An anonymous in-memory file (memfd), closed on exec.
+pub fn memfd(name: &CStr) -> io::Result<File> {
+    // SAFETY: a valid NUL-terminated name; MFD_CLOEXEC keeps it out of children.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor nothing else owns.
+    Ok(unsafe { File::from_raw_fd(fd) })
 }
 
 /// Host CPUs this process may run on (its cpuset / affinity mask), ascending.

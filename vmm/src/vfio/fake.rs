@@ -6,7 +6,6 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::FromRawFd;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -99,13 +98,7 @@ pub struct FakeVfio {
 impl FakeVfio {
     /// A fake ConnectX VF with 4 MSI-X vectors in BAR 0 at 0x2000 (PBA 0x3000).
     pub fn new(options: FakeOptions) -> io::Result<Self> {
-        // SAFETY: a valid NUL-terminated name; the fd is checked and owned below.
-        let fd = unsafe { libc::memfd_create(c"fake-vfio-bar0".as_ptr(), libc::MFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: a fresh descriptor nothing else owns.
-        let bar0 = unsafe { File::from_raw_fd(fd) };
+        let bar0 = crate::host::memfd(c"fake-vfio-bar0")?;
         bar0.set_len(BAR0_SIZE)?;
         let mut c = [0u8; 256];
         let put = |c: &mut [u8; 256], at: usize, v: u32| {
