@@ -7,12 +7,41 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use hpcvm_tests::proc::{run_hpcvm, signal, RunningVm};
+use vmm::agent::{job_frame, job_spec};
+use vmm::config::JobConfig;
 
 /// Boot, job and exit together; generous for software KVM, where a boot takes 20-60 s.
 const JOB_TIMEOUT: Duration = Duration::from_secs(240);
 
 fn temp(name: &str) -> PathBuf {
     std::env::temp_dir().join(format!("hpcvm-job-{}-{name}", std::process::id()))
+}
+
+/// A `PAD` value that makes the job's frame to the agent end `tail` bytes past a
+/// multiple of 256, for a job run as `hpcvm run --env` `env` `--workdir cwd -- argv`.
+fn pad_job_frame(argv: &[&str], env: &[(&str, &str)], cwd: &str, tail: usize) -> String {
+    let owned = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let frame_len = |pad: &str| {
+        let mut env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        env.push(("PAD".into(), pad.into()));
+        let job = JobConfig {
+            argv: owned(argv),
+            env,
+            cwd: cwd.into(),
+            files: Vec::new(),
+            agent: PathBuf::new(),
+            busybox: None,
+        };
+        job_frame(&job_spec(&job, vmm::host::is_software_kvm())).len()
+    };
+    let mut pad = String::from("x");
+    while frame_len(&pad) % 256 != tail {
+        pad.push('x');
+    }
+    pad
 }
 
 #[test]
@@ -24,12 +53,18 @@ fn job_output_status_cpus_memory_hugetlbfs_and_files() {
          echo cpus=$(nproc)\n\
          grep MemTotal /proc/meminfo\n\
          mkdir -p /mnt/huge && mount -t hugetlbfs none /mnt/huge && echo hugetlbfs-ok\n\
-         echo env=$JOB_COLOR cwd=$(pwd)\n\
+         echo env=$JOB_COLOR cwd=$(pwd) pad=${#PAD}\n\
          echo to-stderr >&2\n\
          exit 3\n",
     )
     .unwrap();
     let status = temp("status.json");
+    // Linux's 8250 driver takes at most 256 bytes per interrupt pass, then asks IIR
+    // whether more is waiting. The job's frame ends 32 bytes past such a pass, so a
+    // UART that answers "nothing" there leaves them in the FIFO and the job never starts.
+    let argv = ["/bin/sh", "/opt/job.sh"];
+    let pad = pad_job_frame(&argv, &[("JOB_COLOR", "blue")], "/opt", 32);
+    let pad_env = format!("PAD={pad}");
     let r = run_hpcvm(
         &[
             "run",
@@ -41,13 +76,15 @@ fn job_output_status_cpus_memory_hugetlbfs_and_files() {
             &format!("{}:/opt/job.sh", script.display()),
             "--env",
             "JOB_COLOR=blue",
+            "--env",
+            &pad_env,
             "--workdir",
             "/opt",
             "--status-file",
             status.to_str().unwrap(),
             "--",
-            "/bin/sh",
-            "/opt/job.sh",
+            argv[0],
+            argv[1],
         ],
         JOB_TIMEOUT,
     );
@@ -65,7 +102,8 @@ fn job_output_status_cpus_memory_hugetlbfs_and_files() {
     assert_eq!(lines[0], "hi", "{}", r.stdout);
     assert!(lines.contains(&"cpus=2"), "{}", r.stdout);
     assert!(lines.contains(&"hugetlbfs-ok"), "{}", r.stdout);
-    assert!(lines.contains(&"env=blue cwd=/opt"), "{}", r.stdout);
+    let env_line = format!("env=blue cwd=/opt pad={}", pad.len());
+    assert!(lines.contains(&env_line.as_str()), "{}", r.stdout);
     let mem_kb: u64 = lines
         .iter()
         .find_map(|l| l.strip_prefix("MemTotal:"))

@@ -11,6 +11,35 @@ use devices::legacy::Uart;
 use devices::{lock, BusDevice};
 use hpcvm_agent::{frame, kind, Decoder, JobError, JobExit, JobSpec};
 
+use crate::config::JobConfig;
+use crate::vstate::cpuid;
+
+/// What the agent is told to run for `job`: its argv, environment and working
+/// directory. On a software-KVM host glibc is kept off the CPU features the guest
+/// kernel cannot save (unless the job sets GLIBC_TUNABLES itself).
+pub fn job_spec(job: &JobConfig, software_kvm: bool) -> JobSpec {
+    let mut env = job.environment();
+    if software_kvm && !env.iter().any(|(k, _)| k == "GLIBC_TUNABLES") {
+        env.push((
+            "GLIBC_TUNABLES".into(),
+            cpuid::SOFTWARE_KVM_GLIBC_TUNABLES.into(),
+        ));
+    }
+    JobSpec {
+        argv: job.argv.clone(),
+        env,
+        cwd: job.cwd.clone(),
+    }
+}
+
+/// The frame that carries `spec` to the agent, byte for byte as sent.
+pub fn job_frame(spec: &JobSpec) -> Vec<u8> {
+    frame(
+        kind::JOB,
+        &serde_json::to_vec(spec).expect("JobSpec serializes"),
+    )
+}
+
 /// What the control loop needs to know about the job.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct JobReport {
@@ -65,9 +94,8 @@ impl AgentLink {
         match k {
             kind::READY => {
                 lock(&self.report).ready = true;
-                let spec = serde_json::to_vec(&self.job).expect("JobSpec serializes");
                 let mut out = lock(&self.to_guest);
-                out.extend(frame(kind::JOB, &spec));
+                out.extend(job_frame(&self.job));
                 for sig in lock(&self.held_signals).drain(..) {
                     out.extend(frame(kind::SIGNAL, &[sig]));
                 }

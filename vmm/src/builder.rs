@@ -12,7 +12,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::timerfd::TimerFd;
 
-use crate::agent::AgentLink;
+use crate::agent::{self, AgentLink};
 use crate::api::ApiSocket;
 use crate::boot::{self, initramfs, BootImage};
 use crate::config::{CpusConfig, JobConfig, VmConfig};
@@ -28,7 +28,6 @@ use crate::vstate::vcpu::{install_kick_handler, stop_all, StartGate, Vcpu, VcpuS
 use crate::vstate::{cpuid, msr, GuestExit, Vm};
 use crate::Error;
 use devices::{MmioBus, PioBus};
-use hpcvm_agent::JobSpec;
 
 /// Builds the VM described by `config`, runs it until it ends, tears it down and
 /// returns how it ended. Every resource is released before this returns, whatever the
@@ -68,23 +67,10 @@ pub fn run_with(config: &VmConfig, extra: Vec<Passthrough>) -> Result<Outcome, E
     irqchip.map_err(|_| io_err("the irqchip thread")(std::io::Error::other("panicked")))??;
     let (mem, image, places) = loaded?;
     vm.register_memory(&mem)?;
-    let agent = config.job.as_ref().map(|job| {
-        let mut env = job.environment();
-        if software_kvm && !env.iter().any(|(k, _)| k == "GLIBC_TUNABLES") {
-            env.push((
-                "GLIBC_TUNABLES".into(),
-                cpuid::SOFTWARE_KVM_GLIBC_TUNABLES.into(),
-            ));
-        }
-        AgentLink::new(
-            JobSpec {
-                argv: job.argv.clone(),
-                env,
-                cwd: job.cwd.clone(),
-            },
-            config.verbose,
-        )
-    });
+    let agent = config
+        .job
+        .as_ref()
+        .map(|job| AgentLink::new(agent::job_spec(job, software_kvm), config.verbose));
     let show_console = config.verbose || config.job.is_none();
     let mut legacy = LegacyDevices::new(&vm, show_console, agent.clone())?;
     let mut mmio = MmioBus::mmio();

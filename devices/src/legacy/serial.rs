@@ -1,5 +1,12 @@
 //! A 16550A UART (vm-superio) with its interrupt on an irqfd, and host input queued
 //! beyond its 64-byte FIFO: what does not fit is fed in as the guest drains the FIFO.
+//!
+//! The wrapper also keeps the interrupt identification register honest about received
+//! data. vm-superio forgets the receive interrupt on every RBR read, even with bytes
+//! still in the FIFO; a real 16550 reports it in IIR for as long as data is waiting.
+//! Linux's 8250 handler reads at most 256 bytes per pass and then asks IIR whether to go
+//! on: with vm-superio's answer ("nothing pending") the rest of a longer message stayed in
+//! the FIFO, unread, until some later host input raised a fresh interrupt.
 
 use std::collections::VecDeque;
 use std::io::{self, Write};
@@ -24,11 +31,29 @@ pub const COM2_IRQ: u32 = 3;
 /// Most host input kept waiting for the guest beyond the FIFO.
 pub const MAX_PENDING_INPUT: usize = 2 << 20;
 
+/// Register offsets and bits the wrapper looks at.
+const IER: u64 = 1;
+const IIR: u64 = 2;
+const LCR: u8 = 3;
+const LCR_DLAB: u8 = 0x80;
+const IER_RDA: u8 = 0x01;
+const IIR_NONE: u8 = 0x01;
+const IIR_THRE: u8 = 0x02;
+const IIR_RDA: u8 = 0x04;
+const IIR_FIFO_ENABLED: u8 = 0xc0;
+/// The receive FIFO's size in vm-superio.
+const FIFO_SIZE: usize = 64;
+
 /// A UART whose transmit side writes to `out` (stdout for the console, the agent
 /// protocol decoder for COM2).
 pub struct Uart {
     uart: Serial<EventFdTrigger, NoEvents, Box<dyn Write + Send>>,
     pending: VecDeque<u8>,
+    /// IER as the guest last wrote it (vm-superio hides it behind DLAB on reads).
+    ier: u8,
+    /// A transmitter-empty interrupt reported neither yet nor cleared: IIR showed the
+    /// higher-priority receive interrupt instead.
+    thre_held: bool,
 }
 
 impl Uart {
@@ -37,6 +62,8 @@ impl Uart {
         Self {
             uart: Serial::new(irq, out),
             pending: VecDeque::new(),
+            ier: 0,
+            thre_held: false,
         }
     }
 
@@ -79,6 +106,24 @@ impl Uart {
         self.uart.fifo_capacity()
     }
 
+    /// IIR as a 16550 reports it: received data outranks a transmitter-empty
+    /// interrupt, which stays pending until an IIR read reports it.
+    fn read_iir(&mut self) -> u8 {
+        // vm-superio's read clears its identification bits (the THRE one we keep).
+        let iir = self.uart.read(IIR as u8);
+        let thre = iir & IIR_THRE != 0 || self.thre_held;
+        let rx_waiting = self.uart.fifo_capacity() < FIFO_SIZE && self.ier & IER_RDA != 0;
+        if rx_waiting {
+            self.thre_held = thre;
+            IIR_FIFO_ENABLED | IIR_RDA
+        } else if thre {
+            self.thre_held = false;
+            IIR_FIFO_ENABLED | IIR_THRE
+        } else {
+            IIR_FIFO_ENABLED | IIR_NONE
+        }
+    }
+
     /// Flushes what the guest wrote so far.
     pub fn flush(&mut self) -> io::Result<()> {
         self.uart.writer_mut().flush()
@@ -90,7 +135,11 @@ impl BusDevice for Uart {
         // Registers are byte-wide; a wider access reads the register then all ones.
         data.fill(0xff);
         if let (Some(first), Ok(off)) = (data.first_mut(), u8::try_from(offset)) {
-            *first = self.uart.read(off);
+            *first = if offset == IIR {
+                self.read_iir()
+            } else {
+                self.uart.read(off)
+            };
         }
         if !self.pending.is_empty() {
             self.pump();
@@ -99,6 +148,9 @@ impl BusDevice for Uart {
 
     fn write(&mut self, offset: u64, data: &[u8]) {
         if let (Some(&value), Ok(off)) = (data.first(), u8::try_from(offset)) {
+            if offset == IER && self.uart.read(LCR) & LCR_DLAB == 0 {
+                self.ier = value;
+            }
             // The only failure is the writer's (stdout closed) or the irqfd's; the guest
             // cannot do anything about either, and the console must not stop the VM.
             let _ = self.uart.write(off, value);
@@ -171,6 +223,78 @@ mod tests {
             got.push(b[0]);
         }
         assert_eq!(got, msg);
+    }
+
+    /// Reads like Linux's 8250 handler: IIR, then at most 256 bytes while LSR says
+    /// data ready, and again while IIR reports an interrupt.
+    fn linux_irq_pass(s: &mut Uart, got: &mut Vec<u8>) -> bool {
+        let mut iir = [0u8];
+        s.read(IIR, &mut iir);
+        if iir[0] & IIR_NONE != 0 {
+            return false;
+        }
+        for _ in 0..256 {
+            let mut lsr = [0u8];
+            s.read(5, &mut lsr);
+            if lsr[0] & 1 == 0 {
+                break;
+            }
+            let mut b = [0u8];
+            s.read(0, &mut b);
+            got.push(b[0]);
+        }
+        true
+    }
+
+    #[test]
+    fn iir_reports_received_data_until_the_fifo_is_drained() {
+        let (mut s, _, evt) = uart();
+        s.write(IER, &[IER_RDA]);
+        // Longer than one 256-byte pass, with the queue behind the FIFO empty before
+        // the pass ends: the last 44 bytes wait in the FIFO with no new input to raise
+        // another interrupt.
+        let msg: Vec<u8> = (0..300u32).map(|i| (i % 253) as u8).collect();
+        s.queue_input(&msg).unwrap();
+        assert_eq!(evt.read().unwrap(), 1, "one interrupt for the input");
+        let mut got = Vec::new();
+        let mut passes = 0;
+        while linux_irq_pass(&mut s, &mut got) {
+            passes += 1;
+            assert!(passes < 10, "IIR never went quiet");
+        }
+        assert_eq!(got, msg, "the whole message, read from one interrupt");
+        assert_eq!(passes, 2, "256 + 44 bytes");
+    }
+
+    #[test]
+    fn received_data_outranks_a_held_transmit_interrupt() {
+        let (mut s, _, _) = uart();
+        s.write(IER, &[IER_RDA | 0x02]); // and THR-empty
+        s.write(0, b"x"); // THR empty again: THRE pending
+        s.enqueue_input(b"ab").unwrap();
+        let iir = |s: &mut Uart| {
+            let mut v = [0u8];
+            s.read(IIR, &mut v);
+            v[0] & 0x0f
+        };
+        assert_eq!(iir(&mut s), IIR_RDA);
+        let mut b = [0u8; 1];
+        s.read(0, &mut b);
+        s.read(0, &mut b);
+        assert_eq!(iir(&mut s), IIR_THRE, "kept while data outranked it");
+        assert_eq!(iir(&mut s), IIR_NONE, "reading IIR cleared it");
+    }
+
+    #[test]
+    fn ier_writes_behind_dlab_set_the_divisor_not_the_mask() {
+        let (mut s, _, _) = uart();
+        s.write(u64::from(LCR), &[LCR_DLAB]);
+        s.write(IER, &[IER_RDA]); // divisor high byte
+        s.write(u64::from(LCR), &[0x03]);
+        s.enqueue_input(b"a").unwrap();
+        let mut v = [0u8];
+        s.read(IIR, &mut v);
+        assert_eq!(v[0] & 0x0f, IIR_NONE, "receive interrupt not enabled");
     }
 
     #[test]
