@@ -144,6 +144,12 @@ pub fn run_with(config: &VmConfig, extra: Vec<Passthrough>) -> Result<Outcome, E
         grace_timer,
         config.memory,
     )));
+    // The control loop runs here: let its wakeups preempt busy vCPU threads.
+    if let Err(e) = host::request_slice(host::CONTROL_SLICE) {
+        if config.verbose {
+            eprintln!("hpcvm: control thread slice: {e}");
+        }
+    }
     let result = control::run(
         controller.clone(),
         LoopInputs {
