@@ -58,7 +58,7 @@ pub fn run_with(config: &VmConfig, extra: Vec<Passthrough>) -> Result<Outcome, E
 
     let vm = Arc::new(Vm::new(config.cpus.count)?);
     // In-kernel devices on one thread, guest RAM and the kernel image on this one.
-    let pci_intx = crate::pci::intx_routes(host_devices.len() + extra.len());
+    let pci_intx = crate::pci::intx_routes(host_devices.devices.len() + extra.len());
     let (irqchip, loaded) = std::thread::scope(|s| {
         let irqchip = s.spawn(|| vm.create_irqchip());
         let loaded = prepare_memory(config, &allowed, software_kvm, &pci_intx);

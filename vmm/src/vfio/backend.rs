@@ -1,7 +1,8 @@
 //! The ioctl line: what the passthrough device model needs from a host VFIO device
 //! and its IOMMU, as a trait ([`VfioBackend`]), so the model above it is tested against
 //! a fake (`vfio::fake`) on hosts without VFIO. [`HostVfio`] is the real thing, on
-//! vfio-ioctls (legacy container/group interface).
+//! vfio-ioctls, in a [`HostDma`] domain: the legacy container/group interface, or
+//! iommufd with VFIO device cdevs.
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -9,8 +10,11 @@ use std::path::Path;
 use std::ptr::NonNull;
 use std::sync::Arc;
 
+use iommufd_ioctls::IommuFd;
 use vfio_bindings::bindings::vfio::VFIO_REGION_INFO_FLAG_MMAP;
-use vfio_ioctls::{VfioContainer, VfioDevice, VfioDeviceFd, VfioRegionInfoCap};
+use vfio_ioctls::{
+    VfioContainer, VfioDevice, VfioDeviceFd, VfioIommufd, VfioOps, VfioRegionInfoCap,
+};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -128,15 +132,16 @@ fn vfio_err(e: vfio_ioctls::VfioError) -> io::Error {
     io::Error::other(e.to_string())
 }
 
-/// The VFIO container of a VM: one IOMMU domain shared by all its devices.
-pub struct HostContainer {
-    container: Arc<VfioContainer>,
+/// The IOMMU domain of a VM, shared by all its passthrough devices: a legacy VFIO
+/// container, or an iommufd IO address space. Either way it is tied to the VM through a
+/// KVM VFIO device, so KVM knows about non-coherent DMA and the devices in use.
+pub struct HostDma {
+    ops: Arc<dyn VfioOps>,
+    iommufd: bool,
 }
 
-impl HostContainer {
-    /// Opens /dev/vfio/vfio and ties it to the VM through a KVM VFIO device (so KVM
-    /// knows about non-coherent DMA and the groups in use).
-    pub fn new(vm: &kvm_ioctls::VmFd) -> io::Result<Self> {
+impl HostDma {
+    fn kvm_vfio_device(vm: &kvm_ioctls::VmFd) -> io::Result<Arc<VfioDeviceFd>> {
         let mut dev = kvm_bindings::kvm_create_device {
             type_: kvm_bindings::kvm_device_type_KVM_DEV_TYPE_VFIO,
             fd: 0,
@@ -145,21 +150,38 @@ impl HostContainer {
         let kvm_vfio = vm
             .create_device(&mut dev)
             .map_err(|e| io::Error::from_raw_os_error(e.errno()))?;
-        let handle = Arc::new(VfioDeviceFd::new_from_kvm(kvm_vfio));
-        let container = VfioContainer::new(Some(handle)).map_err(vfio_err)?;
+        Ok(Arc::new(VfioDeviceFd::new_from_kvm(kvm_vfio)))
+    }
+
+    /// Opens /dev/vfio/vfio; devices join it through their group nodes.
+    pub fn container(vm: &kvm_ioctls::VmFd) -> io::Result<Self> {
+        let container = VfioContainer::new(Some(Self::kvm_vfio_device(vm)?)).map_err(vfio_err)?;
         Ok(Self {
-            container: Arc::new(container),
+            ops: Arc::new(container),
+            iommufd: false,
         })
     }
 
-    /// Opens the device at `sysfs` (bound to vfio-pci) in this container.
+    /// Opens /dev/iommu and allocates an IO address space; devices are opened through
+    /// their cdevs (/dev/vfio/devices/vfioN), bound to the iommufd and attached to it.
+    pub fn iommufd(vm: &kvm_ioctls::VmFd) -> io::Result<Self> {
+        let iommufd = Arc::new(IommuFd::new().map_err(|e| io::Error::other(e.to_string()))?);
+        let ioas =
+            VfioIommufd::new(iommufd, None, Some(Self::kvm_vfio_device(vm)?)).map_err(vfio_err)?;
+        Ok(Self {
+            ops: Arc::new(ioas),
+            iommufd: true,
+        })
+    }
+
+    /// Opens the device at `sysfs` (bound to vfio-pci) in this domain.
     pub fn open(&self, sysfs: &Path, name: String) -> io::Result<HostVfio> {
-        let device = VfioDevice::new(sysfs, self.container.clone(), false).map_err(vfio_err)?;
+        let device = VfioDevice::new(sysfs, self.ops.clone(), self.iommufd).map_err(vfio_err)?;
         Ok(HostVfio { device, name })
     }
 }
 
-impl DmaDomain for HostContainer {
+impl DmaDomain for HostDma {
     fn map_guest_memory(&self, mem: &GuestMemoryMmap) -> io::Result<()> {
         for region in mem.iter() {
             // SAFETY: guest RAM stays mapped until unmap_guest_memory, which the VMM
@@ -167,7 +189,7 @@ impl DmaDomain for HostContainer {
             // that the device's DMA could alias (it accesses guest RAM through
             // vm-memory's volatile accessors).
             unsafe {
-                self.container.vfio_dma_map(
+                self.ops.vfio_dma_map(
                     region.start_addr().0,
                     region.len() as usize,
                     region.as_ptr(),
@@ -179,9 +201,12 @@ impl DmaDomain for HostContainer {
     }
 
     fn unmap_guest_memory(&self, mem: &GuestMemoryMmap) -> io::Result<()> {
-        self.container
-            .vfio_unmap_guest_memory(mem)
-            .map_err(vfio_err)
+        for region in mem.iter() {
+            self.ops
+                .vfio_dma_unmap(region.start_addr().0, region.len() as usize)
+                .map_err(vfio_err)?;
+        }
+        Ok(())
     }
 }
 

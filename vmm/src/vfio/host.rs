@@ -453,15 +453,23 @@ pub fn check_passthrough(
             return Ok(PassthroughAccess::Cdev { node });
         }
     }
+    let node = group_node(paths, group)?;
+    Ok(PassthroughAccess::Group { group, node })
+}
+
+/// The legacy VFIO node of IOMMU group `group` (`/dev/vfio/<group>`), checked to exist
+/// and to be open to us.
+pub fn group_node(paths: &HostPaths, group: u32) -> Result<PathBuf, HostError> {
     let node = paths.dev.join(format!("vfio/{group}"));
     if !node.exists() {
         return Err(HostError::NoVfioNode { node });
     }
     check_access(&node)?;
-    Ok(PassthroughAccess::Group { group, node })
+    Ok(node)
 }
 
-fn check_access(node: &Path) -> Result<(), HostError> {
+/// Fails with [`HostError::NoAccess`] unless we may open `node` read-write.
+pub fn check_access(node: &Path) -> Result<(), HostError> {
     let denied = || HostError::NoAccess {
         node: node.to_path_buf(),
     };

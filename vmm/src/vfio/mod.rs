@@ -21,8 +21,28 @@ use std::sync::Arc;
 use crate::config::DeviceConfig;
 use crate::pci::Passthrough;
 use crate::Error;
-use backend::{DmaDomain, HostContainer};
-use host::{HostDevice, HostPaths};
+use backend::{DmaDomain, HostDma};
+use host::{HostDevice, HostError, HostPaths, PassthroughAccess};
+
+/// How a VM's passthrough devices are opened. All of them go the same way, into one
+/// IOMMU domain, so guest RAM is DMA-mapped (and pinned) once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpenPath {
+    /// iommufd (`/dev/iommu`): every device has a VFIO device cdev
+    /// (`/dev/vfio/devices/vfioN`), the only way on hosts without the legacy container.
+    Iommufd,
+    /// The legacy VFIO container and group nodes (`/dev/vfio/vfio`, `/dev/vfio/<group>`).
+    Container,
+}
+
+/// Devices that passed [`preflight`], and how to open them.
+#[derive(Debug, Default)]
+pub struct Checked {
+    /// The devices, in `--device` order.
+    pub devices: Vec<HostDevice>,
+    /// How they are opened; `None` without devices.
+    pub path: Option<OpenPath>,
+}
 
 /// Checks every `--device` can be passed through (exists, bound to vfio-pci, viable
 /// IOMMU group, memlock limit covers `guest_ram`) before anything is created.
@@ -30,7 +50,7 @@ pub fn preflight(
     paths: &HostPaths,
     devices: &[DeviceConfig],
     guest_ram: u64,
-) -> Result<Vec<HostDevice>, Error> {
+) -> Result<Checked, Error> {
     let mut found = Vec::with_capacity(devices.len());
     for d in devices {
         let err = |source| Error::Passthrough {
@@ -38,30 +58,66 @@ pub fn preflight(
             source,
         };
         let dev = host::resolve(paths, &d.host).map_err(err)?;
-        host::check_passthrough(paths, &dev).map_err(err)?;
-        found.push(dev);
+        let access = host::check_passthrough(paths, &dev).map_err(err)?;
+        found.push((dev, access));
     }
+    let path = open_path(paths, &found).map_err(|(i, source)| Error::Passthrough {
+        spec: devices[i].host.clone(),
+        source,
+    })?;
     if let Some(first) = devices.first() {
         host::check_memlock(paths, guest_ram).map_err(|source| Error::Passthrough {
             spec: first.host.clone(),
             source,
         })?;
     }
-    Ok(found)
+    Ok(Checked {
+        devices: found.into_iter().map(|(dev, _)| dev).collect(),
+        path,
+    })
 }
 
-/// Opens checked devices through one VFIO container of `vm` (one IOMMU domain).
-pub fn open(vm: &kvm_ioctls::VmFd, devices: &[HostDevice]) -> Result<Vec<Passthrough>, Error> {
-    if devices.is_empty() {
-        return Ok(Vec::new());
+/// iommufd when every device can be opened that way, else the legacy container, for
+/// which every device then needs its group node. Fails with the index of the device
+/// that cannot be opened the chosen way.
+pub fn open_path(
+    paths: &HostPaths,
+    found: &[(HostDevice, PassthroughAccess)],
+) -> Result<Option<OpenPath>, (usize, HostError)> {
+    if found.is_empty() {
+        return Ok(None);
     }
+    if found
+        .iter()
+        .all(|(_, a)| matches!(a, PassthroughAccess::Cdev { .. }))
+    {
+        host::check_access(&paths.dev.join("iommu")).map_err(|e| (0, e))?;
+        return Ok(Some(OpenPath::Iommufd));
+    }
+    for (i, (dev, access)) in found.iter().enumerate() {
+        if let (PassthroughAccess::Cdev { .. }, Some(group)) = (access, dev.iommu_group) {
+            host::group_node(paths, group).map_err(|e| (i, e))?;
+        }
+    }
+    Ok(Some(OpenPath::Container))
+}
+
+/// Opens checked devices in one IOMMU domain of `vm`.
+pub fn open(vm: &kvm_ioctls::VmFd, checked: &Checked) -> Result<Vec<Passthrough>, Error> {
+    let Some(path) = checked.path else {
+        return Ok(Vec::new());
+    };
     let io = |what| move |source| Error::Io { what, source };
-    let container = Arc::new(HostContainer::new(vm).map_err(io("the VFIO container"))?);
-    let dma: Arc<dyn DmaDomain> = container.clone();
-    devices
+    let domain = Arc::new(match path {
+        OpenPath::Container => HostDma::container(vm).map_err(io("the VFIO container"))?,
+        OpenPath::Iommufd => HostDma::iommufd(vm).map_err(io("the iommufd IOMMU domain"))?,
+    });
+    let dma: Arc<dyn DmaDomain> = domain.clone();
+    checked
+        .devices
         .iter()
         .map(|d| {
-            let dev = container
+            let dev = domain
                 .open(&d.sysfs, d.address.to_string())
                 .map_err(io("a VFIO device"))?;
             Ok(Passthrough {
@@ -70,4 +126,75 @@ pub fn open(vm: &kvm_ioctls::VmFd, devices: &[HostDevice]) -> Result<Vec<Passthr
             })
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vfio::host::fake::FakeHost;
+
+    const MLX_VF: (u16, u16, u32) = (0x15b3, 0x101e, 0x020700);
+
+    /// VFs 3b:00.2 (group 42, cdev vfio0) and 3b:00.3 (group 43, cdev vfio1) on
+    /// vfio-pci, on a host with both the legacy group nodes and iommufd.
+    fn two_vfs() -> FakeHost {
+        let h = FakeHost::new();
+        for (bdf, group, cdev) in [("0000:3b:00.2", 42, 0), ("0000:3b:00.3", 43, 1)] {
+            h.pci_device(bdf, MLX_VF, Some("vfio-pci"), Some(group), 1)
+                .write(&format!("dev/vfio/{group}"), "")
+                .write(&format!("dev/vfio/devices/vfio{cdev}"), "");
+            std::fs::create_dir_all(h.dev_dir(bdf).join(format!("vfio-dev/vfio{cdev}"))).unwrap();
+        }
+        h.write("dev/iommu", "");
+        h
+    }
+
+    fn checked(h: &FakeHost) -> Vec<(HostDevice, PassthroughAccess)> {
+        ["3b:00.2", "3b:00.3"]
+            .iter()
+            .map(|spec| {
+                let dev = host::resolve(&h.paths(), spec).unwrap();
+                let access = host::check_passthrough(&h.paths(), &dev).unwrap();
+                (dev, access)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn devices_all_with_a_cdev_open_through_iommufd() {
+        let h = two_vfs();
+        let found = checked(&h);
+        assert_eq!(
+            open_path(&h.paths(), &found).unwrap(),
+            Some(OpenPath::Iommufd)
+        );
+        assert_eq!(open_path(&h.paths(), &[]).unwrap(), None);
+    }
+
+    #[test]
+    fn one_device_without_a_cdev_puts_all_in_the_container() {
+        let h = two_vfs();
+        std::fs::remove_dir_all(h.dev_dir("0000:3b:00.3").join("vfio-dev")).unwrap();
+        let found = checked(&h);
+        assert!(matches!(
+            found[1].1,
+            PassthroughAccess::Group { group: 43, .. }
+        ));
+        assert_eq!(
+            open_path(&h.paths(), &found).unwrap(),
+            Some(OpenPath::Container)
+        );
+    }
+
+    #[test]
+    fn a_cdev_only_device_cannot_join_the_container() {
+        let h = two_vfs();
+        std::fs::remove_dir_all(h.dev_dir("0000:3b:00.3").join("vfio-dev")).unwrap();
+        std::fs::remove_file(h.root.join("dev/vfio/42")).unwrap();
+        let found = checked(&h);
+        let (i, e) = open_path(&h.paths(), &found).unwrap_err();
+        assert_eq!(i, 0, "the cdev-only device is named");
+        let msg = e.to_string();
+        assert!(msg.contains("dev/vfio/42 is missing"), "{msg}");
+    }
 }
