@@ -4,6 +4,7 @@
 //! table sparsely, trapping only the table and PBA pages), and every interrupt routed
 //! in the kernel: the device writes an eventfd, KVM injects the MSI (irqfd).
 
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
 use devices::pci::msix::{MsixChange, MsixTable};
@@ -99,6 +100,18 @@ impl MappedArea {
             let _ = vm.unmap_memory(slot);
         }
     }
+}
+
+/// True when `evt` has been signalled and not yet read (polled, not consumed).
+fn signalled(evt: &EventFd) -> bool {
+    let mut pfd = libc::pollfd {
+        fd: evt.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd for the call; a zero timeout never blocks.
+    let rc = unsafe { libc::poll(&mut pfd, 1, 0) };
+    rc == 1 && pfd.revents & libc::POLLIN != 0
 }
 
 struct Bar {
@@ -714,7 +727,12 @@ impl PciDevice for VfioPciDevice {
                 }
             }
             Some(MsixRegion::Pba(off)) => {
-                if let Some(m) = &self.msix {
+                if let Some(m) = &mut self.msix {
+                    // Pending: the device signalled a vector KVM is not taking (masked,
+                    // or MSI-X off); its interrupt waits in the eventfd.
+                    for (v, vec) in m.vectors.iter().enumerate() {
+                        m.table.set_pending(v, !vec.routed && signalled(&vec.evt));
+                    }
                     m.table.read_pba(off, data);
                 }
             }
@@ -931,6 +949,27 @@ mod tests {
         dev.config_write(MSIX_CAP, 2, &0u16.to_le_bytes());
         assert!(vm.state().irqfds.is_empty());
         assert_eq!(fake.log().irqs[3..], [(MSIX_IRQ, 0), (INTX_IRQ, 1)]);
+    }
+
+    fn pba(dev: &mut VfioPciDevice) -> u64 {
+        let mut q = [0u8; 8];
+        dev.bar_read(0, crate::vfio::fake::MSIX_PBA, &mut q);
+        u64::from_le_bytes(q)
+    }
+
+    #[test]
+    fn the_pba_shows_what_a_masked_vector_holds_back() {
+        let (mut dev, fake, _) = build(FakeOptions::default());
+        program_vector(&mut dev, 0, 0x40, false);
+        program_vector(&mut dev, 1, 0x41, true);
+        enable_msix(&mut dev);
+        assert_eq!(pba(&mut dev), 0);
+        assert!(fake.raise_msix(0) && fake.raise_msix(1));
+        // Vector 0 is routed (KVM takes it); vector 1 is masked and waits.
+        assert_eq!(pba(&mut dev), 0b10);
+        // Unmasked, it is routed and delivered: no longer pending.
+        dev.bar_write(0, MSIX_TABLE + 16 + 12, &0u32.to_le_bytes());
+        assert_eq!(pba(&mut dev), 0);
     }
 
     #[test]
