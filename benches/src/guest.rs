@@ -171,8 +171,7 @@ pub fn compute(hpcvm: &Path, reps: usize) -> String {
             .output()
             .unwrap();
         h.push(elapsed(&String::from_utf8_lossy(&host.stdout)).expect("host loop"));
-        // A deadline: once, right after the 8 GiB sections, job guests crawled with
-        // their vCPU mostly halted (see README, Performance); never hang the bench.
+        // A deadline, so that a guest that does not finish cannot hang the bench.
         let guest = Command::new("timeout")
             .args(["120"])
             .arg(hpcvm)
@@ -187,7 +186,7 @@ pub fn compute(hpcvm: &Path, reps: usize) -> String {
     if g.is_empty() {
         return format!(
             "### In-guest compute\n\nNot measured: all {reps} guest runs missed their 120 s \
-             deadline (guests crawled, vCPU mostly halted; see README, Performance).\n"
+             deadline.\n"
         );
     }
     let (hs, gs) = (stats(h), stats(g));
