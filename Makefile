@@ -4,7 +4,7 @@ RELEASE := target/release
 
 GUEST := target/guest
 
-.PHONY: all deps build guest run test lint bench clean
+.PHONY: all deps build guest guest-ib run test lint bench clean
 
 all: build
 
@@ -26,6 +26,12 @@ guest: deps
 	cp /bin/busybox $(GUEST)/busybox
 	kernel=$$(guest-kernel/kernel/build.sh | tail -n 1) && test -f "$$kernel" && \
 	  cp "$$kernel" $(GUEST)/vmlinux.new && mv $(GUEST)/vmlinux.new $(GUEST)/vmlinux
+
+# The InfiniBand guest kernel (mlx5, verbs, IPoIB built in) beside it, for jobs that
+# drive a passed-through ConnectX HCA or VF: `hpcvm run --kernel target/guest/vmlinux-ib`.
+guest-ib: guest
+	kernel=$$(guest-kernel/kernel/build.sh --flavor ib | tail -n 1) && test -f "$$kernel" && \
+	  cp "$$kernel" $(GUEST)/vmlinux-ib.new && mv $(GUEST)/vmlinux-ib.new $(GUEST)/vmlinux-ib
 
 # The main job: boot the guest on /dev/kvm and run a command in it.
 run: build guest

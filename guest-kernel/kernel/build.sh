@@ -2,14 +2,17 @@
 # Build the hpcvm guest kernel: Debian's linux-source-6.12 + patches/ + a
 # tinyconfig-based config (config.fragment), as an ELF vmlinux with a PVH note.
 #
-#   build.sh               build (or reuse) the kernel; the LAST line of stdout
-#                          is the path of the vmlinux
-#   build.sh --print-path  print the path the kernel has (or would have) and
-#                          build nothing
+#   build.sh [--flavor F]               build (or reuse) the kernel; the LAST line
+#                                       of stdout is the path of the vmlinux
+#   build.sh [--flavor F] --print-path  print the path the kernel has (or would
+#                                       have) and build nothing
+#
+# --flavor F also merges config.F.fragment after config.fragment (`ib`: mlx5 and
+# InfiniBand, for VFIO passthrough of ConnectX HCAs and VFs).
 #
 # The result is cached at ${HPCVM_CACHE:-$HOME/.cache/hpcvm}/kernel-<hash>/vmlinux
 # (with its .config and System.map beside it), where <hash> is the sha256 of
-# config.fragment, the patches, this script and the linux-source-6.12 package
+# the fragments, the patches, this script and the linux-source-6.12 package
 # version.  When that file exists the script only prints its path.
 #
 # The source tree and objects live in ${HPCVM_KERNEL_WORK:-/var/tmp/hpcvm-kernel}
@@ -34,14 +37,29 @@ WORK=${HPCVM_KERNEL_WORK:-/var/tmp/hpcvm-kernel}
 die() { echo "build.sh: error: $*"; exit 1; }
 log() { echo "build.sh: $*"; }
 
+usage="usage: build.sh [--flavor F] [--print-path]"
 print_path=0
-case "${1:-}" in
-    "") ;;
-    --print-path) print_path=1 ;;
-    -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}" >&3; exit 0 ;;
-    *) die "unknown argument '$1' (usage: build.sh [--print-path])" ;;
-esac
-[ $# -le 1 ] || die "too many arguments (usage: build.sh [--print-path])"
+flavor=
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --print-path) print_path=1 ;;
+        --flavor)
+            [ $# -ge 2 ] || die "--flavor needs a name ($usage)"
+            flavor=$2
+            shift ;;
+        -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}" >&3; exit 0 ;;
+        *) die "unknown argument '$1' ($usage)" ;;
+    esac
+    shift
+done
+FRAGMENTS=("$FRAGMENT")
+if [ -n "$flavor" ]; then
+    case "$flavor" in
+        *[!a-z0-9_-]*) die "bad flavor name '$flavor' (letters, digits, - and _)" ;;
+    esac
+    [ -f "$HERE/config.$flavor.fragment" ] || die "no flavor '$flavor': $HERE/config.$flavor.fragment does not exist"
+    FRAGMENTS+=("$HERE/config.$flavor.fragment")
+fi
 
 shopt -s nullglob
 PATCHES=("$HERE"/patches/*.patch)
@@ -63,7 +81,7 @@ kernel_hash() {
     local version=$1 f
     {
         printf '%s %s\n' "$PKG" "$version"
-        for f in "$FRAGMENT" "$HERE/build.sh" "${PATCHES[@]}"; do
+        for f in "${FRAGMENTS[@]}" "$HERE/build.sh" "${PATCHES[@]}"; do
             printf '%s %s\n' "${f#"$HERE"/}" "$(sha256sum <"$f" | cut -d' ' -f1)"
         done
     } | sha256sum | cut -d' ' -f1
@@ -144,25 +162,35 @@ fi
 export KBUILD_BUILD_USER=hpcvm KBUILD_BUILD_HOST=hpcvm
 kmake() { make -C "$src" O="$build" ARCH=x86_64 "$@"; }
 mkdir -p "$build"
-log "configuring: tinyconfig + config.fragment + olddefconfig"
+log "configuring: tinyconfig + ${FRAGMENTS[*]##*/} + olddefconfig"
 kmake -s tinyconfig
-"$src/scripts/kconfig/merge_config.sh" -m -O "$build" "$build/.config" "$FRAGMENT" >/dev/null
+"$src/scripts/kconfig/merge_config.sh" -m -O "$build" "$build/.config" "${FRAGMENTS[@]}" >/dev/null
 kmake -s olddefconfig
 
-# Every setting of the fragment must have survived olddefconfig (an option whose
-# dependencies are off is dropped silently by Kconfig).
+# Every setting of the fragments must have survived olddefconfig (an option whose
+# dependencies are off is dropped silently by Kconfig); a later fragment's setting
+# of a symbol replaces an earlier one's.
+declare -A want=()
+for f in "${FRAGMENTS[@]}"; do
+    while IFS= read -r line; do
+        case "$line" in
+            CONFIG_*=*) want[${line%%=*}]=$line ;;
+            "# CONFIG_"*" is not set") sym=${line#\# }; want[${sym%% *}]=$line ;;
+        esac
+    done <"$f"
+done
 bad=()
-while IFS= read -r line; do
+for sym in "${!want[@]}"; do
+    line=${want[$sym]}
     case "$line" in
         CONFIG_*=*)
-            grep -qxF -- "$line" "$build/.config" || bad+=("$line (got: $(grep -E "^(# )?${line%%=*}[= ]" "$build/.config" || echo absent))") ;;
-        "# CONFIG_"*" is not set")
-            sym=${line#\# }; sym=${sym%% *}
+            grep -qxF -- "$line" "$build/.config" || bad+=("$line (got: $(grep -E "^(# )?$sym[= ]" "$build/.config" || echo absent))") ;;
+        *)
             ! grep -qE "^$sym=" "$build/.config" || bad+=("$line (got: $(grep -E "^$sym=" "$build/.config"))") ;;
     esac
-done <"$FRAGMENT"
+done
 if [ ${#bad[@]} -gt 0 ]; then
-    echo "build.sh: error: these config.fragment settings did not survive 'make olddefconfig'"
+    echo "build.sh: error: these settings of ${FRAGMENTS[*]##*/} did not survive 'make olddefconfig'"
     echo "(a dependency is missing or something selects them):"
     printf '  %s\n' "${bad[@]}"
     exit 1
