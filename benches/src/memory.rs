@@ -258,7 +258,6 @@ fn hpcvm_destroy(hpcvm: &Path, gib: usize) -> (Duration, u64) {
 /// QEMU microvm running the spin guest on `gib` GiB of preallocated 2M pages, told to
 /// `quit` over QMP: request -> exit.
 fn qemu_quit(gib: usize) -> Option<Duration> {
-    use std::os::unix::net::UnixStream;
     let sock = std::env::temp_dir().join(format!("hpcvm-bench-qquit-{}.sock", std::process::id()));
     let guest = hpcvm_tests::guest("spin");
     let mut args = qemu_memory_args(gib, true);
@@ -273,12 +272,21 @@ fn qemu_quit(gib: usize) -> Option<Duration> {
         .stderr(Stdio::null())
         .spawn()
         .ok()?;
-    if !first_line(&mut child).contains("spin: start") {
-        let _ = child.kill();
-        let _ = child.wait();
+    let quit = quit_over_qmp(&mut child, &sock);
+    // Whatever went wrong, no QEMU and no QMP socket (QEMU leaves it behind when it
+    // dies or is killed) outlive the measurement.
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_file(&sock);
+    quit
+}
+
+/// Waits for the spin guest's first line, then times `quit` over QMP to QEMU's exit.
+fn quit_over_qmp(child: &mut std::process::Child, sock: &Path) -> Option<Duration> {
+    if !first_line(child).contains("spin: start") {
         return None;
     }
-    let s = UnixStream::connect(&sock).ok()?;
+    let s = UnixStream::connect(sock).ok()?;
     let mut r = BufReader::new(s.try_clone().ok()?);
     let mut w = s;
     let mut line = String::new();
@@ -289,9 +297,7 @@ fn qemu_quit(gib: usize) -> Option<Duration> {
     let t = Instant::now();
     w.write_all(b"{\"execute\":\"quit\"}\n").ok()?;
     let _ = child.wait();
-    let d = t.elapsed();
-    let _ = std::fs::remove_file(&sock);
-    Some(d)
+    Some(t.elapsed())
 }
 
 /// The destroy section.
