@@ -21,7 +21,7 @@ build: deps
 # ~/.cache/hpcvm), the static guest agent and busybox.
 guest: deps
 	@mkdir -p $(GUEST)
-	$(CARGO) rustc --release -p hpcvm-agent --bin hpcvm-agent -- -C target-feature=+crt-static
+	$(CARGO) rustc --release -p hpcvm-agent --bin hpcvm-agent -- -C target-feature=+crt-static -C strip=symbols
 	cp $(RELEASE)/hpcvm-agent $(GUEST)/hpcvm-agent.new && mv $(GUEST)/hpcvm-agent.new $(GUEST)/hpcvm-agent
 	cp /bin/busybox $(GUEST)/busybox
 	kernel=$$(guest-kernel/kernel/build.sh | tail -n 1) && test -f "$$kernel" && \
