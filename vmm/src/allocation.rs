@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 use thiserror::Error;
 
-use crate::config::{CpusConfig, Topology};
+use crate::config::{ConfigError, CpusConfig, MemoryConfig, Topology};
 
 /// Memory kept for hpcvm itself (page tables, vCPU threads, device state) out of a
 /// limit that covers the whole job: guest RAM = limit - reserve.
@@ -43,6 +43,12 @@ pub enum AllocationError {
     /// No CPUs (cannot happen for a running process).
     #[error("This process may run on no CPU at all")]
     NoCpus,
+    /// This process's CPU affinity cannot be read.
+    #[error("Cannot read CPU affinity: {0}")]
+    Affinity(String),
+    /// `--memory` (a size or options) does not parse.
+    #[error(transparent)]
+    Memory(#[from] ConfigError),
 }
 
 /// Where one host CPU sits.
@@ -209,9 +215,99 @@ pub fn passed_env(vars: impl Iterator<Item = (String, String)>) -> Vec<(String, 
     v
 }
 
+/// A VM sized and pinned from the job's allocation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Allocation {
+    /// One vCPU per allowed host CPU, pinned 1:1, topology mirroring the host's.
+    pub cpus: CpusConfig,
+    /// Guest RAM.
+    pub memory: MemoryConfig,
+    /// Where the memory size came from, for a log line.
+    pub memory_source: String,
+}
+
+/// Sizes and pins a VM from this process's allocation (`hpcvm run --from-allocation`):
+/// vCPUs from the CPU affinity and the host's sysfs topology; guest RAM from `memory`
+/// when it gives a size, else from the memory cgroup limit or Slurm's memory (shared by
+/// the node's tasks with `per_task`) minus [`VMM_RESERVE`], with `memory`'s options
+/// (`hugepages=`, `prefault=`) applied either way.
+pub fn from_allocation(
+    memory: Option<&str>,
+    per_task: bool,
+) -> Result<Allocation, AllocationError> {
+    let allowed =
+        crate::host::allowed_cpus().map_err(|e| AllocationError::Affinity(e.to_string()))?;
+    let sys = Path::new("/sys");
+    let host: Vec<_> = allowed.iter().map(|&c| host_cpu(sys, c)).collect();
+    let cpus = layout(&host)?;
+    let env = |k: &str| std::env::var(k).ok();
+    let tasks = if per_task { local_tasks(&env) } else { 1 };
+    // `--memory` with a size wins; options alone (hugepages=2M,prefault=on) apply to
+    // the allocation's size.
+    let sized = memory
+        .is_some_and(|m| m.starts_with(|c: char| c.is_ascii_digit()) || m.starts_with("size="));
+    let (memory, source) = match memory {
+        Some(m) if sized => (m.parse::<MemoryConfig>()?, "--memory".to_string()),
+        options => {
+            let options = options.map(|o| format!(",{o}")).unwrap_or_default();
+            // The page size decides the rounding; learn it from the options first.
+            let page = format!("1G{options}")
+                .parse::<MemoryConfig>()?
+                .hugepages
+                .bytes()
+                .max(2 << 20);
+            let cgroup = std::fs::read_to_string("/proc/self/cgroup")
+                .ok()
+                .and_then(|t| cgroup_memory_limit(&t, Path::new("/sys/fs/cgroup")));
+            let slurm = slurm_memory_mib(&env, cpus.count);
+            let size = guest_memory(cgroup, slurm, tasks, page)?;
+            let from = match cgroup {
+                Some(l) => format!("memory cgroup limit {} MiB", l >> 20),
+                None => format!("Slurm's {} MiB", slurm.unwrap_or(0)),
+            };
+            let share = if tasks > 1 {
+                format!(" / {tasks} tasks")
+            } else {
+                String::new()
+            };
+            (
+                format!("{}K{options}", size >> 10).parse::<MemoryConfig>()?,
+                format!("{from}{share} - {} MiB reserve", VMM_RESERVE >> 20),
+            )
+        }
+    };
+    Ok(Allocation {
+        cpus,
+        memory,
+        memory_source: source,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_sized_memory_wins_and_every_allowed_cpu_gets_a_vcpu() {
+        let a = from_allocation(Some("512M,hugepages=2M"), false).unwrap();
+        let allowed = crate::host::allowed_cpus().unwrap();
+        assert_eq!(a.cpus.count as usize, allowed.len());
+        let mut pinned = a.cpus.affinity.clone().unwrap();
+        pinned.sort_unstable();
+        assert_eq!(pinned, allowed, "pinned 1:1 to the allowed CPUs");
+        assert_eq!(a.memory.size, 512 << 20);
+        assert!(a.memory.hugepages.is_hugetlb());
+        assert_eq!(a.memory_source, "--memory");
+    }
+
+    #[test]
+    fn bad_memory_options_are_refused_as_memory_errors() {
+        for bad in ["hugepages=7M", "12Q"] {
+            let e = from_allocation(Some(bad), false).unwrap_err();
+            assert!(matches!(e, AllocationError::Memory(_)), "{bad}: {e:?}");
+            assert!(!e.to_string().is_empty());
+        }
+    }
 
     fn cpu(cpu: usize, package: u32, core: u32) -> HostCpu {
         HostCpu { cpu, package, core }

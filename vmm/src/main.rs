@@ -321,77 +321,21 @@ fn from_allocation(
     per_task: bool,
     verbose: bool,
 ) -> Result<(CpusConfig, MemoryConfig), String> {
-    let allowed =
-        vmm::host::allowed_cpus().map_err(|e| format!("Cannot read CPU affinity: {e}"))?;
-    let sys = Path::new("/sys");
-    let host: Vec<_> = allowed
-        .iter()
-        .map(|&c| allocation::host_cpu(sys, c))
-        .collect();
-    let cpus = allocation::layout(&host).map_err(|e| e.to_string())?;
-    let env = |k: &str| std::env::var(k).ok();
-    let tasks = if per_task {
-        allocation::local_tasks(&env)
-    } else {
-        1
-    };
-    // `--memory` with a size wins; options alone (hugepages=2M,prefault=on) apply to
-    // the allocation's size.
-    let sized = memory
-        .is_some_and(|m| m.starts_with(|c: char| c.is_ascii_digit()) || m.starts_with("size="));
-    let (memory, source) = match memory {
-        Some(m) if sized => (
-            m.parse::<MemoryConfig>().map_err(|e| e.to_string())?,
-            "--memory".to_string(),
-        ),
-        options => {
-            let options = options.map(|o| format!(",{o}")).unwrap_or_default();
-            // The page size decides the rounding; learn it from the options first.
-            let page = format!("1G{options}")
-                .parse::<MemoryConfig>()
-                .map_err(|e| e.to_string())?
-                .hugepages
-                .bytes()
-                .max(2 << 20);
-            let cgroup = std::fs::read_to_string("/proc/self/cgroup")
-                .ok()
-                .and_then(|t| allocation::cgroup_memory_limit(&t, Path::new("/sys/fs/cgroup")));
-            let slurm = allocation::slurm_memory_mib(&env, cpus.count);
-            let size =
-                allocation::guest_memory(cgroup, slurm, tasks, page).map_err(|e| e.to_string())?;
-            let from = match cgroup {
-                Some(l) => format!("memory cgroup limit {} MiB", l >> 20),
-                None => format!("Slurm's {} MiB", slurm.unwrap_or(0)),
-            };
-            let share = if tasks > 1 {
-                format!(" / {tasks} tasks")
-            } else {
-                String::new()
-            };
-            (
-                format!("{}K{options}", size >> 10)
-                    .parse::<MemoryConfig>()
-                    .map_err(|e| e.to_string())?,
-                format!(
-                    "{from}{share} - {} MiB reserve",
-                    allocation::VMM_RESERVE >> 20
-                ),
-            )
-        }
-    };
+    let a = allocation::from_allocation(memory, per_task).map_err(|e| e.to_string())?;
     if verbose {
-        let t = cpus.topology;
+        let t = a.cpus.topology;
         eprintln!(
-            "hpcvm: from allocation: {} vCPUs ({} socket(s) x {} core(s) x {} thread(s)) pinned to host CPUs {}; {} MiB guest RAM ({source})",
-            cpus.count,
+            "hpcvm: from allocation: {} vCPUs ({} socket(s) x {} core(s) x {} thread(s)) pinned to host CPUs {}; {} MiB guest RAM ({})",
+            a.cpus.count,
             t.sockets,
             t.cores,
             t.threads,
-            vmm::host::fmt_cpu_list(cpus.affinity.as_deref().unwrap_or(&[])),
-            memory.size >> 20,
+            vmm::host::fmt_cpu_list(a.cpus.affinity.as_deref().unwrap_or(&[])),
+            a.memory.size >> 20,
+            a.memory_source,
         );
     }
-    Ok((cpus, memory))
+    Ok((a.cpus, a.memory))
 }
 
 /// Records how the VM ended for a wrapper (`--status-file`).
