@@ -6,7 +6,7 @@
 use std::cell::Cell;
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
-use std::sync::{Arc, Condvar, Mutex, Once};
+use std::sync::{mpsc, Arc, Condvar, Mutex, Once};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -275,6 +275,8 @@ pub struct VcpuHandle {
     /// Kernel thread id, once the thread has started (0 before).
     pub tid: Arc<AtomicI32>,
     thread: JoinHandle<()>,
+    /// Disconnected when the thread is done (its vCPU fd closed).
+    done: mpsc::Receiver<()>,
 }
 
 /// The real-time signal that kicks vCPU threads out of KVM_RUN.
@@ -314,18 +316,22 @@ impl Vcpu {
         let host_cpu = self.host_cpu;
         let tid = Arc::new(AtomicI32::new(0));
         let tid2 = tid.clone();
+        let (finished, done) = mpsc::channel::<()>();
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{index}"))
             .spawn(move || {
                 // SAFETY: gettid has no preconditions.
                 tid2.store(unsafe { libc::gettid() }, Ordering::Release);
-                self.run(&gate)
+                self.run(&gate);
+                // `self` (the vCPU fd) is gone; dropping the sender tells stop_all.
+                drop(finished);
             })?;
         Ok(VcpuHandle {
             index,
             host_cpu,
             tid,
             thread,
+            done,
         })
     }
 
@@ -477,20 +483,22 @@ impl VcpuHandle {
     }
 }
 
-/// Stops every vCPU: sets the stop flag, then kicks each thread until it has left
-/// KVM_RUN (a kick that lands just before KVM_RUN is caught by `immediate_exit`; one
-/// that lands before the thread published its kvm_run is repeated).
+/// How long `stop_all` waits for a kicked vCPU thread before kicking it again.
+const KICK_RETRY: Duration = Duration::from_millis(1);
+
+/// Stops every vCPU: sets the stop flag, kicks every thread, then waits for each to
+/// finish (woken the moment it does), kicking again every [`KICK_RETRY`] (a kick that
+/// lands just before KVM_RUN is caught by `immediate_exit`; one that lands before the
+/// thread published its kvm_run is lost and repeated).
 pub fn stop_all(shared: &VcpuShared, handles: Vec<VcpuHandle>) {
     shared.request_stop();
-    // Kick them all at once, then re-kick whoever is still in KVM_RUN.
-    let mut running = handles;
-    while !running.is_empty() {
-        for h in &running {
+    for h in &handles {
+        h.kick();
+    }
+    for h in handles {
+        while let Err(mpsc::RecvTimeoutError::Timeout) = h.done.recv_timeout(KICK_RETRY) {
             h.kick();
         }
-        std::thread::sleep(Duration::from_micros(50));
-        let (done, left): (Vec<_>, Vec<_>) = running.into_iter().partition(VcpuHandle::is_finished);
-        done.into_iter().for_each(VcpuHandle::join);
-        running = left;
+        h.join();
     }
 }
