@@ -62,6 +62,18 @@ impl HugePagePool {
         self.free.saturating_sub(self.reserved)
     }
 
+    /// The file an administrator writes to grow this pool (the system-wide one for the
+    /// default 2M size).
+    pub fn knob(&self) -> String {
+        match self.size {
+            HugePageSize::Size2M => "/proc/sys/vm/nr_hugepages".into(),
+            _ => format!(
+                "/sys/kernel/mm/hugepages/hugepages-{}kB/nr_hugepages",
+                self.size.bytes() >> 10
+            ),
+        }
+    }
+
     /// Errors with what to raise unless `bytes` of guest RAM fit in the available pages.
     pub fn check_can_supply(&self, bytes: u64) -> Result<(), MemoryError> {
         let needed = bytes.div_ceil(self.size.bytes());
@@ -72,11 +84,7 @@ impl HugePagePool {
             size: self.size.name(),
             free: self.available(),
             needed,
-            knob: if self.size == HugePageSize::Size2M {
-                "/proc/sys/vm/nr_hugepages".into()
-            } else {
-                self.dir.join("nr_hugepages").display().to_string()
-            },
+            knob: self.knob(),
             want: self.total + needed - self.available(),
         })
     }
@@ -116,7 +124,10 @@ mod tests {
         let pool = HugePagePool::read_from(&t.0, HugePageSize::Size1G).unwrap();
         let msg = pool.check_can_supply(2 << 30).unwrap_err().to_string();
         assert!(msg.contains("has 0 free 1G pages, guest needs 2"), "{msg}");
-        assert!(msg.contains("hugepages-1048576kB/nr_hugepages"), "{msg}");
+        assert!(
+            msg.contains("echo 2 > /sys/kernel/mm/hugepages/hugepages-1048576kB/nr_hugepages"),
+            "{msg}"
+        );
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use super::host::{self, HostError, HostPaths, Memlock, PassthroughAccess, IOMMU_FIX};
 use crate::config::{HugePageSize, MemoryConfig};
-use crate::memory::HugePagePool;
+use crate::memory::{HugePagePool, MemoryError};
 
 /// What `hpcvm doctor` is asked to check beyond the basics.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -279,17 +279,21 @@ fn asked_pool(paths: &HostPaths, m: MemoryConfig) -> Check {
     } else {
         format!("; {}", nodes.join(", "))
     };
-    let (free, total) = (pool.available(), pool.total);
-    let finding = format!("{free} of {total} free, guest needs {needed}{nodes}");
-    if free >= needed {
-        return Check::ok(name, finding);
+    let finding = format!(
+        "{} of {} free, guest needs {needed}{nodes}",
+        pool.available(),
+        pool.total
+    );
+    match pool.check_can_supply(m.size) {
+        Err(MemoryError::PoolTooSmall { knob, want, .. }) => Check::new(
+            Status::Fail,
+            name,
+            finding,
+            Some(format!("echo {want} > {knob}")),
+        ),
+        Err(e) => Check::new(Status::Fail, name, e.to_string(), None),
+        Ok(()) => Check::ok(name, finding),
     }
-    let knob = match m.hugepages {
-        HugePageSize::Size2M => "/proc/sys/vm/nr_hugepages".to_string(),
-        _ => format!("/sys/kernel/mm/hugepages/hugepages-{kib}kB/nr_hugepages"),
-    };
-    let fix = format!("echo {} > {knob}", total + needed - free);
-    Check::new(Status::Fail, name, finding, Some(fix))
 }
 
 fn device(paths: &HostPaths, spec: &str, memory: Option<MemoryConfig>) -> Vec<Check> {
