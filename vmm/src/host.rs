@@ -85,18 +85,20 @@ struct SchedAttr {
 /// The time slice the control thread asks for: the shortest the kernel accepts.
 pub const CONTROL_SLICE: Duration = Duration::from_micros(100);
 
-/// Asks the scheduler for a `slice`-long time slice for the calling thread (an ordinary
-/// SCHED_OTHER thread, no privilege needed). Under EEVDF (Linux >= 6.12) a short slice
-/// means an early deadline, so the thread preempts a busy vCPU thread on its core as
-/// soon as it wakes (a control-socket request, a signal) instead of queueing behind that
-/// thread's slice; older kernels ignore the value.
+/// Asks the scheduler for a `slice`-long time slice for the calling thread, keeping
+/// its policy, nice value and other attributes (no privilege needed). Under EEVDF
+/// (Linux >= 6.12) a short slice means an early deadline, so the thread preempts a
+/// busy vCPU thread on its core as soon as it wakes (a control-socket request, a
+/// signal) instead of queueing behind that thread's slice; older kernels ignore the
+/// value. A thread under a real-time policy (set by whoever launched hpcvm) is left as
+/// it is.
 pub fn request_slice(slice: Duration) -> io::Result<()> {
-    let attr = SchedAttr {
-        size: std::mem::size_of::<SchedAttr>() as u32,
-        policy: libc::SCHED_OTHER as u32,
-        runtime: u64::try_from(slice.as_nanos()).unwrap_or(u64::MAX),
-        ..SchedAttr::default()
-    };
+    let mut attr = sched_getattr()?;
+    if !matches!(attr.policy as i32, libc::SCHED_OTHER | libc::SCHED_BATCH) {
+        return Ok(());
+    }
+    attr.size = std::mem::size_of::<SchedAttr>() as u32;
+    attr.runtime = u64::try_from(slice.as_nanos()).unwrap_or(u64::MAX);
     // SAFETY: `attr` is a valid sched_attr of the size it declares; 0 = this thread.
     let rc = unsafe { libc::syscall(libc::SYS_sched_setattr, 0, &attr as *const SchedAttr, 0) };
     if rc != 0 {
@@ -105,9 +107,8 @@ pub fn request_slice(slice: Duration) -> io::Result<()> {
     Ok(())
 }
 
-/// The calling thread's time slice as the kernel reports it (0 on kernels without
-/// custom slices).
-pub fn current_slice() -> io::Result<Duration> {
+/// The calling thread's scheduling attributes.
+fn sched_getattr() -> io::Result<SchedAttr> {
     let mut attr = SchedAttr::default();
     let size = std::mem::size_of::<SchedAttr>() as u32;
     // SAFETY: `attr` is writable and `size` bytes long; 0 = this thread.
@@ -123,7 +124,13 @@ pub fn current_slice() -> io::Result<Duration> {
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(Duration::from_nanos(attr.runtime))
+    Ok(attr)
+}
+
+/// The calling thread's time slice as the kernel reports it (0 on kernels without
+/// custom slices).
+pub fn current_slice() -> io::Result<Duration> {
+    Ok(Duration::from_nanos(sched_getattr()?.runtime))
 }
 
 /// Formats CPU numbers the way the kernel does (`0-3,8`).
@@ -194,7 +201,14 @@ mod tests {
     fn a_short_slice_is_granted_to_the_calling_thread_only() {
         std::thread::spawn(|| {
             let before = current_slice().unwrap();
+            // Whoever launched hpcvm chose the nice value; the slice must not undo it.
+            // SAFETY: gettid has no preconditions.
+            let tid = unsafe { libc::gettid() } as libc::id_t;
+            // SAFETY: a plain syscall on this thread (PRIO_PROCESS with a tid).
+            assert_eq!(unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, 5) }, 0);
             request_slice(CONTROL_SLICE).unwrap();
+            // SAFETY: as above.
+            assert_eq!(unsafe { libc::getpriority(libc::PRIO_PROCESS, tid) }, 5);
             if kernel_version() >= (6, 12) {
                 assert_ne!(before, CONTROL_SLICE, "the default slice is longer");
                 assert_eq!(current_slice().unwrap(), CONTROL_SLICE);
