@@ -37,6 +37,7 @@ const IIR: u64 = 2;
 const LCR: u8 = 3;
 const LCR_DLAB: u8 = 0x80;
 const IER_RDA: u8 = 0x01;
+const IER_THRI: u8 = 0x02;
 const IIR_NONE: u8 = 0x01;
 const IIR_THRE: u8 = 0x02;
 const IIR_RDA: u8 = 0x04;
@@ -111,7 +112,8 @@ impl Uart {
     fn read_iir(&mut self) -> u8 {
         // vm-superio's read clears its identification bits (the THRE one we keep).
         let iir = self.uart.read(IIR as u8);
-        let thre = iir & IIR_THRE != 0 || self.thre_held;
+        // Only while enabled: masking THRI in IER withdraws a pending THRE report.
+        let thre = (iir & IIR_THRE != 0 || self.thre_held) && self.ier & IER_THRI != 0;
         let rx_waiting = self.uart.fifo_capacity() < FIFO_SIZE && self.ier & IER_RDA != 0;
         if rx_waiting {
             self.thre_held = thre;
@@ -150,6 +152,9 @@ impl BusDevice for Uart {
         if let (Some(&value), Ok(off)) = (data.first(), u8::try_from(offset)) {
             if offset == IER && self.uart.read(LCR) & LCR_DLAB == 0 {
                 self.ier = value;
+                if value & IER_THRI == 0 {
+                    self.thre_held = false;
+                }
             }
             // The only failure is the writer's (stdout closed) or the irqfd's; the guest
             // cannot do anything about either, and the console must not stop the VM.
@@ -283,6 +288,13 @@ mod tests {
         s.read(0, &mut b);
         assert_eq!(iir(&mut s), IIR_THRE, "kept while data outranked it");
         assert_eq!(iir(&mut s), IIR_NONE, "reading IIR cleared it");
+        // A held THRE is withdrawn when the guest masks THRI (as Linux's stop_tx does).
+        s.write(0, b"y");
+        s.enqueue_input(b"c").unwrap();
+        assert_eq!(iir(&mut s), IIR_RDA);
+        s.write(IER, &[IER_RDA]);
+        s.read(0, &mut b);
+        assert_eq!(iir(&mut s), IIR_NONE, "THRI masked: no THRE report");
     }
 
     #[test]
