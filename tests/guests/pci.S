@@ -28,7 +28,10 @@
  *      "msix: 100 interrupts ok";
  *   8. masks entry 0, rings once more, checks that the response arrives
  *      without an interrupt, unmasks and expects the held interrupt:
- *      "msix: masked vector held, delivered on unmask";
+ *      "msix: masked vector held, delivered on unmask"; meanwhile the PBA
+ *      shows it pending, and once delivered it is not: masked again, the
+ *      PBA bit reads 0 and unmasking delivers nothing:
+ *      "msix: PBA pending while held, clear once delivered";
  *   9. "pci: N stray interrupts" if any other vector fired (after 10 ms
  *      more with interrupts on), "pci: done",
  *      and leaves.
@@ -394,7 +397,15 @@ doorbell:
 	je 2f
 	mov $msg_while_masked, %esi
 	jmp fail
-2:	mov table0, %edi
+2:	mov msix_pba, %eax		/* the held interrupt shows in the PBA */
+	and $~7, %eax
+	add bar0_addr, %eax
+	mov %eax, pba0
+	testl $1, (%eax)
+	jnz 4f
+	mov $msg_pba_clear, %esi
+	jmp fail
+4:	mov table0, %edi
 	movl $0, MSIX_VCTRL(%edi)	/* unmask: the pending message goes out */
 	mov $irq_count, %edi
 	mov mask_count, %ebp
@@ -406,6 +417,30 @@ doorbell:
 	jz 3f
 	mov $msg_lost, %esi
 3:	call puts32
+
+	/* ---- 8b. delivered is no longer pending: masked again, the PBA bit is clear
+	 * and the next unmask delivers nothing ---- */
+	mov table0, %edi
+	movl $1, MSIX_VCTRL(%edi)
+	mov pba0, %eax
+	testl $1, (%eax)
+	jz 5f
+	mov $msg_pba_stale, %esi
+	jmp fail
+5:	mov irq_count, %eax
+	mov %eax, mask_count
+	movl $0, MSIX_VCTRL(%edi)
+	sti
+	mov $QUIET_MS, %ecx
+	call delay_ms
+	cli
+	mov mask_count, %eax
+	cmp irq_count, %eax
+	je 6f
+	mov $msg_redelivered, %esi
+	jmp fail
+6:	mov $msg_pba_ok, %esi
+	call puts32
 
 	/* ---- 9. strays (after a last 10 ms for late ones to land), done ---- */
 	sti
@@ -710,6 +745,10 @@ msg_timeout_m:	.asciz "msix: timeout in mask test\n"
 msg_while_masked: .asciz "msix: interrupt while masked\n"
 msg_held:	.asciz "msix: masked vector held, delivered on unmask\n"
 msg_lost:	.asciz "msix: pending interrupt lost\n"
+msg_pba_clear:	.asciz "msix: PBA bit clear while an interrupt is held\n"
+msg_pba_stale:	.asciz "msix: PBA bit still set after delivery\n"
+msg_redelivered: .asciz "msix: held interrupt delivered twice\n"
+msg_pba_ok:	.asciz "msix: PBA pending while held, clear once delivered\n"
 msg_strays:	.asciz " stray interrupts\n"
 msg_done:	.asciz "pci: done\n"
 
@@ -734,4 +773,5 @@ msix_pba:	.skip 4			/* PBA offset | BIR */
 table0:		.skip 4			/* address of MSI-X table entry 0 */
 round:		.skip 4
 mask_count:	.skip 4			/* irq_count when entry 0 was masked */
+pba0:		.skip 4			/* address of the PBA's first dword */
 saved_cmd:	.skip 2

@@ -35,6 +35,7 @@ const GUEST_OK: &[&str] = &[
     "bar0: rw ok",
     "msix: 100 interrupts ok",
     "msix: masked vector held, delivered on unmask",
+    "msix: PBA pending while held, clear once delivered",
     "pci: done",
 ];
 

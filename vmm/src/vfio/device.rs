@@ -547,6 +547,9 @@ impl VfioPciDevice {
             return;
         };
         if live {
+            // An interrupt that waited while the vector was masked is injected when
+            // the irqfd goes in; unregistering (masking) consumes what the eventfd
+            // still counts, so nothing is left pending or delivered twice.
             if self.vm.set_msi_route(vec.gsi, msg).is_ok()
                 && !vec.routed
                 && self.vm.register_irqfd(&vec.evt, vec.gsi).is_ok()
@@ -729,8 +732,10 @@ impl PciDevice for VfioPciDevice {
             Some(MsixRegion::Pba(off)) => {
                 if let Some(m) = &mut self.msix {
                     // Pending: the device signalled a vector KVM is not taking (masked,
-                    // or MSI-X off); its interrupt waits in the eventfd.
-                    for (v, vec) in m.vectors.iter().enumerate() {
+                    // or MSI-X off); its interrupt waits in the eventfd. Only the 64
+                    // vectors of the qword read are looked at.
+                    let first = (off / 8 * 64) as usize;
+                    for (v, vec) in m.vectors.iter().enumerate().skip(first).take(64) {
                         m.table.set_pending(v, !vec.routed && signalled(&vec.evt));
                     }
                     m.table.read_pba(off, data);
