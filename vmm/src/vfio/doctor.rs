@@ -5,7 +5,7 @@ use std::fs::OpenOptions;
 use std::io::ErrorKind;
 use std::path::Path;
 
-use super::host::{self, HostError, HostPaths, Memlock, PassthroughAccess, IOMMU_FIX};
+use super::host::{self, HostDevice, HostError, HostPaths, Memlock, PassthroughAccess, IOMMU_FIX};
 use crate::config::{HugePageSize, MemoryConfig};
 use crate::memory::{HugePagePool, MemoryError};
 
@@ -98,15 +98,34 @@ fn checks_with(
         let fix = Some("modprobe vfio-pci".to_string());
         Check::new(needed, "vfio-pci", "the vfio-pci module is not loaded", fix)
     });
+    let mut found = Vec::new();
     for spec in &request.devices {
-        out.extend(device(paths, spec, request.memory));
+        let (checks, opened) = device(paths, spec, request.memory);
+        out.extend(checks);
+        found.extend(opened);
     }
     if passthrough {
         let guest_ram = request.memory.unwrap_or_default().size;
-        out.push(match memlock.and_then(|m| m.check(guest_ram).map(|()| m)) {
-            Ok(m) => Check::ok("memlock", memlock_finding(m, guest_ram)),
-            Err(e) => Check::from_error(Status::Fail, "memlock", &e),
+        let memlock = memlock.and_then(|m| m.check(guest_ram).map(|()| m));
+        out.push(match &memlock {
+            Ok(m) => Check::ok("memlock", memlock_finding(*m, guest_ram)),
+            Err(e) => Check::from_error(Status::Fail, "memlock", e),
         });
+        // How `hpcvm run` would open them, once each device passed on its own.
+        if let (Ok(m), true) = (memlock, found.len() == request.devices.len()) {
+            out.push(match super::open_path(paths, &found, m) {
+                Ok(Some(super::OpenPath::Iommufd)) => Check::ok(
+                    "vfio open",
+                    "through iommufd (/dev/iommu, the devices' cdevs); pinned guest RAM \
+                     counts against the user's memlock limit, all of the user's VMs together",
+                ),
+                Ok(_) => Check::ok(
+                    "vfio open",
+                    "through the VFIO container (/dev/vfio/vfio, the devices' group nodes)",
+                ),
+                Err((_, e)) => Check::from_error(Status::Fail, "vfio open", &e),
+            });
+        }
     }
     out
 }
@@ -296,20 +315,29 @@ fn asked_pool(paths: &HostPaths, m: MemoryConfig) -> Check {
     }
 }
 
-fn device(paths: &HostPaths, spec: &str, memory: Option<MemoryConfig>) -> Vec<Check> {
+/// The checks of one requested device, and the device with how it can be opened
+/// when it passed.
+fn device(
+    paths: &HostPaths,
+    spec: &str,
+    memory: Option<MemoryConfig>,
+) -> (Vec<Check>, Option<(HostDevice, PassthroughAccess)>) {
     // Also as `hpcvm run --device` takes it.
     let spec = spec.strip_prefix("vfio=").unwrap_or(spec);
     let name = format!("device {spec}");
     let dev = match host::resolve(paths, spec) {
         Ok(d) => d,
-        Err(e) => return vec![Check::from_error(Status::Fail, name, &e)],
+        Err(e) => return (vec![Check::from_error(Status::Fail, name, &e)], None),
     };
-    let access = match host::check_passthrough(paths, &dev) {
-        Ok(PassthroughAccess::Group { group, node }) => {
+    let opened = match host::check_passthrough(paths, &dev) {
+        Ok(a) => a,
+        Err(e) => return (vec![Check::from_error(Status::Fail, name, &e)], None),
+    };
+    let access = match &opened {
+        PassthroughAccess::Group { group, node } => {
             format!("IOMMU group {group} via {}", node.display())
         }
-        Ok(PassthroughAccess::Cdev { node }) => format!("iommufd via {}", node.display()),
-        Err(e) => return vec![Check::from_error(Status::Fail, name, &e)],
+        PassthroughAccess::Cdev { node } => format!("iommufd via {}", node.display()),
     };
     let vf = dev
         .physfn
@@ -345,7 +373,7 @@ fn device(paths: &HostPaths, spec: &str, memory: Option<MemoryConfig>) -> Vec<Ch
             ));
         }
     }
-    out
+    (out, Some((dev, opened)))
 }
 
 /// The report, one line per check and an indented `fix:` under warn and FAIL.
@@ -397,7 +425,8 @@ mod tests {
                 Some(42),
                 1,
             )
-            .write("dev/vfio/42", "");
+            .write("dev/vfio/42", "")
+            .write("dev/vfio/vfio", "");
         h.driver_dir("vfio-pci");
         h
     }
@@ -412,6 +441,36 @@ mod tests {
     fn run(h: &FakeHost, req: &Request, memlock: Memlock) -> (String, u8) {
         let checks = checks_with(&h.paths(), req, Ok(memlock));
         (render(&checks), exit_status(&checks))
+    }
+
+    #[test]
+    fn doctor_says_how_run_would_open_the_devices() {
+        let h = host();
+        let req = request(&[VF], Some("512M"));
+        let (report, code) = run(&h, &req, ROOMY);
+        assert_eq!(code, 0, "{report}");
+        assert!(
+            report.contains("ok    vfio open: through the VFIO container"),
+            "{report}"
+        );
+        // With iommufd and a cdev, and no memlock limit: iommufd, with its accounting.
+        h.write("dev/iommu", "").write("dev/vfio/devices/vfio0", "");
+        std::fs::create_dir_all(h.dev_dir(VF).join("vfio-dev/vfio0")).unwrap();
+        let (report, _) = run(&h, &req, ROOMY);
+        assert!(
+            report.contains("ok    vfio open: through iommufd")
+                && report.contains("all of the user's VMs together"),
+            "{report}"
+        );
+        // Neither way: no container, and the device has no cdev.
+        std::fs::remove_dir_all(h.dev_dir(VF).join("vfio-dev")).unwrap();
+        std::fs::remove_file(h.root.join("dev/vfio/vfio")).unwrap();
+        let (report, code) = run(&h, &req, ROOMY);
+        assert_eq!(code, 1, "{report}");
+        assert!(
+            report.contains("FAIL  vfio open:") && report.contains("CONFIG_VFIO_CONTAINER"),
+            "{report}"
+        );
     }
 
     #[test]

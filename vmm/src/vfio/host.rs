@@ -212,6 +212,12 @@ pub enum HostError {
         /// The missing node.
         node: PathBuf,
     },
+    /// No legacy VFIO container, and the devices cannot all go through iommufd.
+    #[error("{}: {}", self.problem(), self.fix())]
+    NoContainer {
+        /// The missing `/dev/vfio/vfio`.
+        node: PathBuf,
+    },
     /// The VFIO node exists but this user may not open it.
     #[error("{}: {}", self.problem(), self.fix())]
     NoAccess {
@@ -262,6 +268,10 @@ impl HostError {
                  bound to {driver}, and a group goes to a VM whole"
             ),
             HostError::NoVfioNode { node } => format!("{} is missing", node.display()),
+            HostError::NoContainer { node } => format!(
+                "{} is missing and not every device has an iommufd cdev",
+                node.display()
+            ),
             HostError::NoAccess { node } => {
                 format!(
                     "{} is not readable and writable by this user",
@@ -306,6 +316,11 @@ impl HostError {
             ),
             HostError::NoVfioNode { .. } => "load vfio-pci (`modprobe vfio-pci`); in a \
                  container, pass /dev/vfio in"
+                .into(),
+            HostError::NoContainer { .. } => "load vfio-pci; the kernel needs the VFIO \
+                 container (CONFIG_VFIO_CONTAINER or CONFIG_IOMMUFD_VFIO_CONTAINER), or \
+                 iommufd with a VFIO cdev (/dev/vfio/devices/vfioN) for every device; in a \
+                 container, pass /dev/vfio and /dev/iommu in"
                 .into(),
             HostError::NoAccess { node } => format!(
                 "run as root or give the job's user the node (chown $USER {}, or a udev \
@@ -449,8 +464,16 @@ pub fn check_passthrough(
             .and_then(|mut e| e.find_map(|e| e.ok()))
             .map(|e| paths.dev.join("vfio/devices").join(e.file_name()));
         if let Some(node) = cdev.filter(|n| n.exists()) {
-            check_access(&node)?;
-            return Ok(PassthroughAccess::Cdev { node });
+            if check_access(&node).is_ok() {
+                return Ok(PassthroughAccess::Cdev { node });
+            }
+            // Not ours to open; the group node may be.
+            return group_node(paths, group)
+                .map(|group_node| PassthroughAccess::Group {
+                    group,
+                    node: group_node,
+                })
+                .map_err(|_| HostError::NoAccess { node });
         }
     }
     let node = group_node(paths, group)?;
@@ -493,6 +516,11 @@ pub struct Memlock {
 }
 
 impl Memlock {
+    /// True when nothing limits how much memory this process may pin.
+    pub fn unlimited(&self) -> bool {
+        self.limit.is_none() || self.cap_ipc_lock
+    }
+
     /// This process's limit (getrlimit) and capability (`<proc>/self/status` CapEff).
     pub fn read(paths: &HostPaths) -> Result<Self, HostError> {
         // SAFETY: rlimit is plain data; all zeroes is a valid value.
