@@ -50,7 +50,7 @@ pub enum PciError {
     #[error("Cannot place the PCI bus: {0}")]
     Layout(#[from] BusError),
     /// The IOMMU refused guest RAM.
-    #[error("Cannot map guest RAM for DMA by {device}: {source} (is RLIMIT_MEMLOCK high enough? see hpcvm doctor)")]
+    #[error("Cannot map guest RAM for DMA by {device}: {source} (is RLIMIT_MEMLOCK high enough? through iommufd it counts all of this user's VMs together; see hpcvm doctor)")]
     Dma {
         /// The device.
         device: String,
