@@ -139,7 +139,8 @@ src_key=$({
     for f in "${PATCHES[@]}"; do printf '%s %s\n' "${f##*/}" "$(sha256sum <"$f" | cut -d' ' -f1)"; done
 } | sha256sum | cut -c1-16)
 src=$WORK/src-$src_key
-build=$src/build
+# One object tree per flavour, so switching between them rebuilds nothing twice.
+build=$src/build${flavor:+-$flavor}
 if [ ! -f "$src/.hpcvm-source-ready" ]; then
     for old in "$WORK"/src-*; do
         [ -e "$old" ] || continue
