@@ -13,19 +13,14 @@ use crate::stats::{ms, ratio, stats, Table};
 
 const GIB: usize = 1 << 30;
 
-/// The least any KVM VMM can do at destroy: a bare KVM VM whose one memory slot is
-/// `gib` GiB of populated 2M hugetlb memory, closed, then the memory unmapped. On a
-/// shadow-paging host KVM frees per-slot reverse maps at close (2 MiB per GiB of guest
-/// RAM); with hardware KVM's TDP MMU there are none.
-fn kvm_floor(gib: usize) -> Duration {
-    let len = gib * GIB;
-    let kvm = kvm_ioctls::Kvm::new().expect("/dev/kvm");
-    let vm = kvm.create_vm().expect("KVM_CREATE_VM");
-    // SAFETY: a fresh anonymous mapping, unmapped below; no aliasing.
+/// A fresh private mapping of `gib` GiB of 2M hugetlb memory, populated (MAP_POPULATE);
+/// the caller unmaps it.
+fn populated_hugetlb(gib: usize) -> *mut libc::c_void {
+    // SAFETY: a fresh anonymous mapping, unmapped by the caller; no aliasing.
     let p = unsafe {
         libc::mmap(
             std::ptr::null_mut(),
-            len,
+            gib * GIB,
             libc::PROT_READ | libc::PROT_WRITE,
             libc::MAP_PRIVATE
                 | libc::MAP_ANONYMOUS
@@ -36,7 +31,24 @@ fn kvm_floor(gib: usize) -> Duration {
             0,
         )
     };
-    assert_ne!(p, libc::MAP_FAILED, "hugetlb mmap of {gib} GiB");
+    assert_ne!(
+        p,
+        libc::MAP_FAILED,
+        "hugetlb mmap of {gib} GiB: {}",
+        std::io::Error::last_os_error()
+    );
+    p
+}
+
+/// The least any KVM VMM can do at destroy: a bare KVM VM whose one memory slot is
+/// `gib` GiB of populated 2M hugetlb memory, closed, then the memory unmapped. On a
+/// shadow-paging host KVM frees per-slot reverse maps at close (2 MiB per GiB of guest
+/// RAM); with hardware KVM's TDP MMU there are none.
+fn kvm_floor(gib: usize) -> Duration {
+    let len = gib * GIB;
+    let kvm = kvm_ioctls::Kvm::new().expect("/dev/kvm");
+    let vm = kvm.create_vm().expect("KVM_CREATE_VM");
+    let p = populated_hugetlb(gib);
     let region = kvm_bindings::kvm_userspace_memory_region {
         slot: 0,
         flags: 0,
@@ -59,28 +71,8 @@ fn kvm_floor(gib: usize) -> Duration {
 fn bare_map(gib: usize) -> (Duration, Duration) {
     let len = gib * GIB;
     let t = Instant::now();
-    // SAFETY: a fresh anonymous mapping, unmapped below; no aliasing.
-    let p = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE
-                | libc::MAP_ANONYMOUS
-                | libc::MAP_HUGETLB
-                | libc::MAP_HUGE_2MB
-                | libc::MAP_POPULATE,
-            -1,
-            0,
-        )
-    };
+    let p = populated_hugetlb(gib);
     let populate = t.elapsed();
-    assert_ne!(
-        p,
-        libc::MAP_FAILED,
-        "hugetlb mmap of {gib} GiB: {}",
-        std::io::Error::last_os_error()
-    );
     let t = Instant::now();
     // SAFETY: exactly the mapping created above.
     unsafe { libc::munmap(p, len) };
