@@ -127,12 +127,6 @@ fn sched_getattr() -> io::Result<SchedAttr> {
     Ok(attr)
 }
 
-/// The calling thread's time slice as the kernel reports it (0 on kernels without
-/// custom slices).
-pub fn current_slice() -> io::Result<Duration> {
-    Ok(Duration::from_nanos(sched_getattr()?.runtime))
-}
-
 /// Formats CPU numbers the way the kernel does (`0-3,8`).
 pub fn fmt_cpu_list(cpus: &[usize]) -> String {
     let mut out = Vec::new();
@@ -186,6 +180,12 @@ mod tests {
         .join()
         .unwrap();
         assert!(pin_current_thread(1 << 20).is_err());
+    }
+
+    /// The calling thread's time slice as the kernel reports it (0 on kernels without
+    /// custom slices).
+    fn current_slice() -> io::Result<Duration> {
+        Ok(Duration::from_nanos(sched_getattr()?.runtime))
     }
 
     /// (major, minor) of the running kernel.

@@ -217,7 +217,13 @@ mod tests {
         let msg: Vec<u8> = (0..1000u32).map(|i| (i % 251) as u8).collect();
         s.queue_input(&msg).unwrap();
         let mut got = Vec::new();
-        for _ in 0..5000 {
+        read_ready(&mut s, 5000, &mut got);
+        assert_eq!(got, msg);
+    }
+
+    /// Reads RBR into `got` while LSR says data ready, at most `max` bytes.
+    fn read_ready(s: &mut Uart, max: usize, got: &mut Vec<u8>) {
+        for _ in 0..max {
             let mut lsr = [0u8];
             s.read(5, &mut lsr);
             if lsr[0] & 1 == 0 {
@@ -227,7 +233,6 @@ mod tests {
             s.read(0, &mut b);
             got.push(b[0]);
         }
-        assert_eq!(got, msg);
     }
 
     /// Reads like Linux's 8250 handler: IIR, then at most 256 bytes while LSR says
@@ -238,16 +243,7 @@ mod tests {
         if iir[0] & IIR_NONE != 0 {
             return false;
         }
-        for _ in 0..256 {
-            let mut lsr = [0u8];
-            s.read(5, &mut lsr);
-            if lsr[0] & 1 == 0 {
-                break;
-            }
-            let mut b = [0u8];
-            s.read(0, &mut b);
-            got.push(b[0]);
-        }
+        read_ready(s, 256, got);
         true
     }
 

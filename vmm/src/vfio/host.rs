@@ -552,11 +552,6 @@ impl Memlock {
     }
 }
 
-/// Errors unless this process may pin `guest_ram` bytes (VFIO type1 pins all guest RAM).
-pub fn check_memlock(paths: &HostPaths, guest_ram: u64) -> Result<(), HostError> {
-    Memlock::read(paths)?.check(guest_ram)
-}
-
 /// A fake host tree (sysfs, /dev, /proc) in a temp dir, removed on drop, laid out like
 /// the real one: devices under `sys/devices`, symlinks for driver, IOMMU group, virtfnN
 /// and physfn.
@@ -893,6 +888,6 @@ mod tests {
         assert!(Memlock::read(&h.paths()).unwrap().cap_ipc_lock);
         h.write("proc/self/status", "CapEff:\t0000000000003fff\n");
         assert!(!Memlock::read(&h.paths()).unwrap().cap_ipc_lock);
-        check_memlock(&h.paths(), 0).unwrap();
+        Memlock::read(&h.paths()).unwrap().check(0).unwrap();
     }
 }

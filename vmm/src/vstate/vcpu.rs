@@ -471,11 +471,6 @@ impl VcpuHandle {
         let _ = self.thread.kill(kick_signal());
     }
 
-    /// True once the thread has returned.
-    pub fn is_finished(&self) -> bool {
-        self.thread.is_finished()
-    }
-
     /// Waits for the thread.
     pub fn join(self) {
         // A panicking vCPU thread has already printed its panic.
