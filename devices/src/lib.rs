@@ -8,6 +8,7 @@ pub mod bus;
 pub mod legacy;
 pub mod pci;
 pub mod trigger;
+pub mod virtio;
 
 pub use bus::{lock, Bus, BusDevice, MmioBus, PioBus};
 pub use trigger::EventFdTrigger;

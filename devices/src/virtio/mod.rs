@@ -1,0 +1,125 @@
+//! Virtio device models: what a device does with its virtqueues, independent of the
+//! transport that carries them (hpcvm's is virtio-pci, in the `vmm` crate). Rings are
+//! rust-vmm's `virtio-queue`; definitions come from `virtio-bindings` where it has them.
+
+pub mod block;
+pub mod console;
+mod descriptors;
+#[cfg(test)]
+mod testing;
+
+use virtio_queue::{DescriptorChain, Queue, QueueT};
+use vm_memory::GuestMemoryMmap;
+
+pub use block::{Block, BlockOptions};
+pub use console::{Console, ConsolePort};
+
+/// Feature bits every hpcvm device offers (virtio 1.x, event-index suppression of
+/// notifications and interrupts, indirect descriptors).
+pub const COMMON_FEATURES: u64 = 1 << virtio_bindings::virtio_config::VIRTIO_F_VERSION_1
+    | 1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX
+    | 1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
+
+/// How a device tells the driver that a queue has used buffers.
+pub trait QueueInterrupt: Send + Sync {
+    /// Signals queue `index`'s interrupt.
+    fn notify_queue(&self, index: usize);
+}
+
+/// The queues of an activated device, and the memory they live in.
+pub struct DeviceQueues<'a> {
+    /// Guest RAM.
+    pub mem: &'a GuestMemoryMmap,
+    /// The device's queues, in the order of [`VirtioDevice::queue_max_sizes`].
+    pub queues: &'a mut [Queue],
+    /// Interrupt delivery.
+    pub irq: &'a dyn QueueInterrupt,
+}
+
+impl DeviceQueues<'_> {
+    /// Pops every available chain of queue `index` into `handle` (which returns the
+    /// bytes it wrote into the chain), re-arming notifications until the ring stays
+    /// empty, then interrupts the driver if the ring's event index asks for it.
+    pub fn drain<F>(&mut self, index: usize, handle: F)
+    where
+        F: FnMut(&GuestMemoryMmap, DescriptorChain<&GuestMemoryMmap>) -> u32,
+    {
+        self.fill(index, usize::MAX, handle);
+    }
+
+    /// As [`DeviceQueues::drain`], but takes at most `max` chains; returns how many.
+    /// Notifications are left enabled, so the driver's next buffer wakes the device.
+    pub fn fill<F>(&mut self, index: usize, max: usize, mut handle: F) -> usize
+    where
+        F: FnMut(&GuestMemoryMmap, DescriptorChain<&GuestMemoryMmap>) -> u32,
+    {
+        let mem = self.mem;
+        let Some(q) = self.queues.get_mut(index) else {
+            return 0;
+        };
+        if !q.ready() {
+            return 0;
+        }
+        let mut used = 0;
+        loop {
+            if q.disable_notification(mem).is_err() {
+                break;
+            }
+            let before = used;
+            while used < max {
+                let Some(chain) = q.pop_descriptor_chain(mem) else {
+                    break;
+                };
+                let head = chain.head_index();
+                let len = handle(mem, chain);
+                // A failure here means the used ring is outside guest RAM: the
+                // driver broke the queue, and there is nobody to tell.
+                let _ = q.add_used(mem, head, len);
+                used += 1;
+            }
+            // Go round again only for chains that arrived meanwhile: a ring the
+            // driver broke (an available index no chain stands behind) must not
+            // keep this thread spinning.
+            match q.enable_notification(mem) {
+                Ok(true) if used < max && used > before => continue,
+                _ => break,
+            }
+        }
+        if used > 0 && q.needs_notification(mem).unwrap_or(true) {
+            self.irq.notify_queue(index);
+        }
+        used
+    }
+}
+
+/// A virtio device model.
+pub trait VirtioDevice: Send {
+    /// Virtio device ID (`virtio_ids`).
+    fn device_type(&self) -> u32;
+    /// Maximum size of each of its queues; the number of entries is the queue count.
+    fn queue_max_sizes(&self) -> Vec<u16>;
+    /// Feature bits it offers (with [`COMMON_FEATURES`]).
+    fn features(&self) -> u64;
+    /// Reads `data.len()` bytes of its configuration space at `offset`.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// The driver wrote its configuration space (most fields are read-only).
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+    /// The driver set DRIVER_OK with these features acknowledged.
+    fn activate(&mut self, _features: u64) {}
+    /// Queue `index` was notified (or the device is being drained at teardown).
+    fn process(&mut self, index: usize, queues: &mut DeviceQueues<'_>);
+    /// The driver reset the device: forget everything negotiated.
+    fn reset(&mut self) {}
+}
+
+/// Reads `data.len()` bytes at `offset` of a little-endian configuration `space`;
+/// bytes past its end read as zero.
+pub fn read_config_bytes(space: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = usize::try_from(offset)
+            .ok()
+            .and_then(|o| space.get(o + i))
+            .copied()
+            .unwrap_or(0);
+    }
+}
