@@ -6,6 +6,7 @@
 //!
 //! ```text
 //! agent -> host   READY (version)  STDOUT/STDERR (bytes)  EXIT (JSON)  ERROR (JSON)  LOG (text)
+//!                 HANDOVER (empty: the image's init takes over as PID 1)
 //! host  -> agent  JOB (JSON)       SIGNAL (one byte: the signal number)
 //! ```
 //! The agent says READY once the channel is open; the host answers with the JOB; the
@@ -28,6 +29,9 @@ pub mod kind {
     pub const ERROR: u8 = 0x14;
     /// Agent diagnostics (shown with `hpcvm run --verbose`).
     pub const LOG: u8 = 0x15;
+    /// The agent is about to exec the image's own init (`RootImage::boot_init`): from
+    /// now on the guest ends like any guest, with no job status.
+    pub const HANDOVER: u8 = 0x16;
     /// Host -> agent: the job to run; payload: JSON [`super::JobSpec`].
     pub const JOB: u8 = 0x01;
     /// Host -> agent: deliver a signal to the job's process group; payload: 1 byte.
@@ -48,6 +52,37 @@ pub struct JobSpec {
     pub env: Vec<(String, String)>,
     /// Working directory.
     pub cwd: String,
+    /// Where the job's stdout and stderr go: virtio-console ports, or (when absent)
+    /// pipes the agent relays over this channel.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stdio: Option<StdioPorts>,
+    /// A disk to switch root into before the job starts (`hpcvm run --image`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root: Option<RootImage>,
+}
+
+/// The virtio-console ports (by name, as the guest sees in
+/// `/sys/class/virtio-ports/*/name`) that become the job's stdout and stderr.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StdioPorts {
+    /// Port for the job's stdout.
+    pub stdout: String,
+    /// Port for the job's stderr.
+    pub stderr: String,
+}
+
+/// The job's root filesystem: a read-only virtio-blk disk, found by its serial
+/// (`/sys/block/vd*/serial`), overlaid with a tmpfs in guest RAM for writes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RootImage {
+    /// The disk's virtio-blk serial.
+    pub serial: String,
+    /// Its filesystem type (`ext4`).
+    pub fstype: String,
+    /// Replace the agent with the image's own init (`/sbin/init`) instead of running
+    /// `argv` as a job: `hpcvm run --image` without a command.
+    #[serde(default)]
+    pub boot_init: bool,
 }
 
 /// How the job ended.

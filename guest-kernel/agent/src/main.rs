@@ -2,8 +2,15 @@
 //! from the host over COM2, runs it, streams its output, forwards the host's signals
 //! to it, reaps every orphan, reports how the job ended, then syncs and resets the VM.
 //!
+//! With `JobSpec::stdio` the job writes its stdout and stderr straight to
+//! virtio-console ports (see `stdio`); with `JobSpec::root` it runs inside a disk image
+//! (see `rootfs`), or the image's own init replaces the agent.
+//!
 //! Outside a VM (for tests) `hpcvm-agent --channel-fd N` speaks the protocol on fd N
-//! and skips mounting and rebooting.
+//! and skips mounting and rebooting (and refuses image roots).
+
+mod rootfs;
+mod stdio;
 
 use std::ffi::CString;
 use std::fs::File;
@@ -20,6 +27,8 @@ const CHANNEL_TTY: &str = "/dev/ttyS1";
 /// How long to keep draining output after the job exited while something else (a
 /// background child) still holds its pipes open.
 const DRAIN_AFTER_EXIT: Duration = Duration::from_millis(200);
+/// How often to look again for a device that has not shown up yet.
+const PROBE_INTERVAL: Duration = Duration::from_millis(10);
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -37,8 +46,8 @@ fn main() {
     }
     let result = match test_fd {
         // SAFETY: the caller handed us this descriptor to own.
-        Some(fd) => serve(unsafe { File::from_raw_fd(fd) }),
-        None => open_channel().and_then(serve),
+        Some(fd) => serve(unsafe { File::from_raw_fd(fd) }, false),
+        None => open_channel().and_then(|ch| serve(ch, true)),
     };
     if let Err(e) = &result {
         eprintln!("hpcvm-agent: {e}");
@@ -122,11 +131,49 @@ fn log(ch: &mut File, msg: &str) {
     let _ = send(ch, kind::LOG, msg.as_bytes());
 }
 
-/// Speaks the protocol on `ch` until the job has been run and reported.
-fn serve(mut ch: File) -> io::Result<()> {
+/// Calls `probe` every 10 ms until it finds something or `deadline` has passed.
+fn wait_until<T>(deadline: Instant, mut probe: impl FnMut() -> Option<T>) -> Option<T> {
+    loop {
+        if let Some(found) = probe() {
+            return Some(found);
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return None;
+        }
+        std::thread::sleep(left.min(PROBE_INTERVAL));
+    }
+}
+
+/// Speaks the protocol on `ch` until the job has been run and reported (or the
+/// image's init has taken over). `in_vm`: the agent is PID 1 of a guest.
+fn serve(mut ch: File, in_vm: bool) -> io::Result<()> {
     send(&mut ch, kind::READY, env!("CARGO_PKG_VERSION").as_bytes())?;
     let mut dec = Decoder::default();
-    let spec: JobSpec = loop {
+    let spec = receive_spec(&mut ch, &mut dec)?;
+    if let Some(root) = &spec.root {
+        match rootfs::enter_image(root, in_vm) {
+            Ok(()) if root.boot_init => rootfs::hand_over(ch, &spec.env),
+            Ok(()) => {}
+            Err(err) => return report(&mut ch, Err(err)),
+        }
+    }
+    let ports = spec
+        .stdio
+        .as_ref()
+        .and_then(|p| stdio::open_ports(&mut ch, p));
+    // Before the fork, so that a job that exits at once cannot slip its SIGCHLD past us.
+    let sigchld = sigchld_fd()?;
+    let outcome = match start_job(&spec, ports) {
+        Ok(job) => Ok(supervise(&mut ch, &mut dec, job, sigchld)?),
+        Err(err) => Err(err),
+    };
+    report(&mut ch, outcome)
+}
+
+/// Reads frames until the host's JOB arrives.
+fn receive_spec(ch: &mut File, dec: &mut Decoder) -> io::Result<JobSpec> {
+    loop {
         let mut buf = [0u8; 4096];
         let n = ch.read(&mut buf)?;
         if n == 0 {
@@ -138,22 +185,24 @@ fn serve(mut ch: File) -> io::Result<()> {
         dec.push(&buf[..n]);
         if let Some((k, payload)) = dec.next_frame().map_err(|e| io::Error::other(e.0))? {
             if k == kind::JOB {
-                break serde_json::from_slice(&payload)
-                    .map_err(|e| io::Error::other(format!("bad job spec: {e}")))?;
+                return serde_json::from_slice(&payload)
+                    .map_err(|e| io::Error::other(format!("bad job spec: {e}")));
             }
         }
-    };
-    // Before the fork, so that a job that exits at once cannot slip its SIGCHLD past us.
-    let sigchld = sigchld_fd()?;
-    match start_job(&spec) {
-        Ok(job) => {
-            let exit = supervise(&mut ch, &mut dec, job, sigchld)?;
+    }
+}
+
+/// Sends how the job ended (EXIT) or why it did not start (ERROR), and waits until
+/// the bytes have left.
+fn report(ch: &mut File, outcome: Result<JobExit, JobError>) -> io::Result<()> {
+    match outcome {
+        Ok(exit) => {
             let json = serde_json::to_vec(&exit).expect("JobExit serializes");
-            send(&mut ch, kind::EXIT, &json)?;
+            send(ch, kind::EXIT, &json)?;
         }
         Err(err) => {
             let json = serde_json::to_vec(&err).expect("JobError serializes");
-            send(&mut ch, kind::ERROR, &json)?;
+            send(ch, kind::ERROR, &json)?;
         }
     }
     ch.flush()?;
@@ -165,8 +214,33 @@ fn serve(mut ch: File) -> io::Result<()> {
 
 struct Job {
     pid: libc::pid_t,
+    /// The read ends of the job's stdout and stderr pipes; `None` on ports.
+    relay: Option<(OwnedFd, OwnedFd)>,
+}
+
+/// The job's stdout and stderr, and the agent's ends of them when it relays them.
+struct Outputs {
     stdout: OwnedFd,
     stderr: OwnedFd,
+    relay: Option<(OwnedFd, OwnedFd)>,
+}
+
+/// The given ports as the job's stdout and stderr, or else fresh pipes to relay.
+fn outputs(ports: Option<(OwnedFd, OwnedFd)>) -> io::Result<Outputs> {
+    if let Some((stdout, stderr)) = ports {
+        return Ok(Outputs {
+            stdout,
+            stderr,
+            relay: None,
+        });
+    }
+    let (out_r, out_w) = pipe()?;
+    let (err_r, err_w) = pipe()?;
+    Ok(Outputs {
+        stdout: out_w,
+        stderr: err_w,
+        relay: Some((out_r, err_r)),
+    })
 }
 
 fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
@@ -221,8 +295,9 @@ fn cstrings<I: IntoIterator<Item = String>>(items: I) -> Result<Vec<CString>, Jo
 }
 
 /// Forks and execs the job in its own session with stdin from /dev/null and its
-/// output on pipes. Exec failures come back through a close-on-exec pipe.
-fn start_job(spec: &JobSpec) -> Result<Job, JobError> {
+/// output on `ports` (else on pipes). Exec failures come back through a close-on-exec
+/// pipe.
+fn start_job(spec: &JobSpec, ports: Option<(OwnedFd, OwnedFd)>) -> Result<Job, JobError> {
     let io_err = |what: &str, e: io::Error| JobError {
         error: format!("{what}: {e}"),
         status: 126,
@@ -241,8 +316,7 @@ fn start_job(spec: &JobSpec) -> Result<Job, JobError> {
     let mut envp_p: Vec<*const libc::c_char> = envp.iter().map(|c| c.as_ptr()).collect();
     envp_p.push(std::ptr::null());
     let devnull = File::open("/dev/null").map_err(|e| io_err("/dev/null", e))?;
-    let (out_r, out_w) = pipe().map_err(|e| io_err("pipe", e))?;
-    let (err_r, err_w) = pipe().map_err(|e| io_err("pipe", e))?;
+    let out = outputs(ports).map_err(|e| io_err("pipe", e))?;
     let (st_r, st_w) = pipe().map_err(|e| io_err("pipe", e))?;
 
     // SAFETY: the agent is single-threaded; the child only calls async-signal-safe
@@ -256,11 +330,13 @@ fn start_job(spec: &JobSpec) -> Result<Job, JobError> {
         unsafe {
             libc::setsid();
             libc::dup2(devnull.as_raw_fd(), 0);
-            libc::dup2(out_w.as_raw_fd(), 1);
-            libc::dup2(err_w.as_raw_fd(), 2);
+            libc::dup2(out.stdout.as_raw_fd(), 1);
+            libc::dup2(out.stderr.as_raw_fd(), 2);
             let mut empty: libc::sigset_t = std::mem::zeroed();
             libc::sigemptyset(&mut empty);
             libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+            // Rust ignores SIGPIPE in the agent; a job (`yes | head`) expects the default.
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
             if libc::chdir(cwd.as_ptr()) == 0 {
                 libc::execve(program_c.as_ptr(), argv_p.as_ptr(), envp_p.as_ptr());
             }
@@ -269,7 +345,7 @@ fn start_job(spec: &JobSpec) -> Result<Job, JobError> {
             libc::_exit(127);
         }
     }
-    drop((out_w, err_w, st_w, devnull));
+    drop((out.stdout, out.stderr, st_w, devnull));
     let mut st = File::from(st_r);
     let mut errno = [0u8; 4];
     if st.read_exact(&mut errno).is_ok() {
@@ -289,15 +365,17 @@ fn start_job(spec: &JobSpec) -> Result<Job, JobError> {
     }
     Ok(Job {
         pid,
-        stdout: out_r,
-        stderr: err_r,
+        relay: out.relay,
     })
 }
 
-/// Streams the job's output to the host, forwards signals, reaps children; returns how
-/// the job ended.
+/// Streams the job's output to the host (unless it is on ports), forwards signals,
+/// reaps children; returns how the job ended.
 fn supervise(ch: &mut File, dec: &mut Decoder, job: Job, sigchld: OwnedFd) -> io::Result<JobExit> {
-    let mut open = [Some(job.stdout), Some(job.stderr)];
+    let mut open = match job.relay {
+        Some((stdout, stderr)) => [Some(stdout), Some(stderr)],
+        None => [None, None],
+    };
     let mut exit: Option<JobExit> = None;
     let mut exited_at: Option<Instant> = None;
     let mut buf = vec![0u8; 16 * 1024];

@@ -1,5 +1,6 @@
 //! The agent outside a VM: `--channel-fd` on a socketpair, spoken to as hpcvm would.
 //! Job start, output streams, exit codes, signals and exec failures, all for real.
+//! (Virtio-console ports and image roots need a guest: here only their fallbacks.)
 
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -7,16 +8,22 @@ use std::os::unix::net::UnixStream;
 use std::process::{Child, Command};
 use std::time::Duration;
 
-use hpcvm_agent::{frame, kind, Decoder, JobError, JobExit, JobSpec};
+use hpcvm_agent::{frame, kind, Decoder, JobError, JobExit, JobSpec, RootImage, StdioPorts};
 
 struct Agent {
     child: Child,
     ch: UnixStream,
     dec: Decoder,
+    /// The LOG frames `finish` has seen.
+    logs: Vec<String>,
 }
 
 impl Agent {
     fn start() -> Self {
+        Self::start_with_env(&[])
+    }
+
+    fn start_with_env(env: &[(&str, &str)]) -> Self {
         let mut fds = [0; 2];
         // SAFETY: fds has room for two descriptors; no CLOEXEC on purpose (the agent's end
         // must survive exec).
@@ -35,6 +42,7 @@ impl Agent {
         unsafe { libc::fcntl(ours.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
         let child = Command::new(env!("CARGO_BIN_EXE_hpcvm-agent"))
             .args(["--channel-fd", &theirs.as_raw_fd().to_string()])
+            .envs(env.iter().copied())
             .spawn()
             .unwrap();
         drop(theirs);
@@ -44,6 +52,7 @@ impl Agent {
             child,
             ch: ours,
             dec: Decoder::default(),
+            logs: Vec::new(),
         }
     }
 
@@ -60,13 +69,12 @@ impl Agent {
     }
 
     fn run(&mut self, argv: &[&str]) {
+        self.run_spec(spec(argv));
+    }
+
+    fn run_spec(&mut self, spec: JobSpec) {
         let (k, _) = self.next();
         assert_eq!(k, kind::READY);
-        let spec = JobSpec {
-            argv: argv.iter().map(|s| s.to_string()).collect(),
-            env: vec![("PATH".into(), "/usr/bin:/bin".into())],
-            cwd: "/".into(),
-        };
         self.ch
             .write_all(&frame(kind::JOB, &serde_json::to_vec(&spec).unwrap()))
             .unwrap();
@@ -80,13 +88,23 @@ impl Agent {
             match k {
                 kind::STDOUT => out.push_str(&String::from_utf8_lossy(&p)),
                 kind::STDERR => err.push_str(&String::from_utf8_lossy(&p)),
-                kind::LOG => {}
+                kind::LOG => self.logs.push(String::from_utf8_lossy(&p).into_owned()),
                 _ => {
                     let _ = self.child.wait();
                     return (out, err, k, p);
                 }
             }
         }
+    }
+}
+
+fn spec(argv: &[&str]) -> JobSpec {
+    JobSpec {
+        argv: argv.iter().map(|s| s.to_string()).collect(),
+        env: vec![("PATH".into(), "/usr/bin:/bin".into())],
+        cwd: "/".into(),
+        stdio: None,
+        root: None,
     }
 }
 
@@ -193,4 +211,49 @@ fn output_from_a_background_child_does_not_hold_up_the_report() {
     assert_eq!(out, "main-done\n");
     assert_eq!(k, kind::EXIT);
     assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+}
+
+#[test]
+fn missing_stdio_ports_fall_back_to_the_channel() {
+    let mut a = Agent::start_with_env(&[("HPCVM_AGENT_PORT_WAIT_MS", "50")]);
+    let mut job = spec(&["sh", "-c", "echo hi; echo oops >&2; exit 3"]);
+    job.stdio = Some(StdioPorts {
+        stdout: "hpcvm.test.no-such-stdout".into(),
+        stderr: "hpcvm.test.no-such-stderr".into(),
+    });
+    let t = std::time::Instant::now();
+    a.run_spec(job);
+    let (out, err, k, p) = a.finish();
+    assert_eq!((out.as_str(), err.as_str()), ("hi\n", "oops\n"));
+    assert_eq!(k, kind::EXIT);
+    assert_eq!(
+        serde_json::from_slice::<JobExit>(&p).unwrap(),
+        JobExit::Code(3)
+    );
+    assert!(
+        a.logs
+            .iter()
+            .any(|l| l.contains("hpcvm.test.no-such-stdout") && l.contains("relaying")),
+        "{:?}",
+        a.logs
+    );
+    assert!(t.elapsed() < Duration::from_secs(4), "{:?}", t.elapsed());
+}
+
+#[test]
+fn an_image_root_is_refused_outside_a_guest() {
+    let mut a = Agent::start();
+    let mut job = spec(&["sh", "-c", "echo should not run"]);
+    job.root = Some(RootImage {
+        serial: "hpcvm-root".into(),
+        fstype: "ext4".into(),
+        boot_init: false,
+    });
+    a.run_spec(job);
+    let (out, _, k, p) = a.finish();
+    assert_eq!(out, "");
+    assert_eq!(k, kind::ERROR);
+    let e: JobError = serde_json::from_slice(&p).unwrap();
+    assert_eq!(e.status, 126);
+    assert!(e.error.contains("image root"), "{}", e.error);
 }
