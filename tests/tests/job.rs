@@ -34,6 +34,8 @@ fn pad_job_frame(argv: &[&str], env: &[(&str, &str)], cwd: &str, tail: usize) ->
             files: Vec::new(),
             agent: PathBuf::new(),
             busybox: None,
+            console_stdio: true,
+            image: false,
         };
         job_frame(&job_spec(&job, vmm::host::is_software_kvm())).len()
     };

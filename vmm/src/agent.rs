@@ -9,9 +9,15 @@ use std::sync::{Arc, Mutex};
 
 use devices::legacy::Uart;
 use devices::{lock, BusDevice};
-use hpcvm_agent::{frame, kind, Decoder, JobError, JobExit, JobSpec};
+use hpcvm_agent::{frame, kind, Decoder, JobError, JobExit, JobSpec, RootImage, StdioPorts};
 
+use crate::config::disk::IMAGE_SERIAL;
 use crate::config::JobConfig;
+
+/// The virtio-console port that carries the job's stdout.
+pub const STDOUT_PORT: &str = "hpcvm.stdout";
+/// The virtio-console port that carries the job's stderr.
+pub const STDERR_PORT: &str = "hpcvm.stderr";
 use crate::vstate::cpuid;
 
 /// What the agent is told to run for `job`: its argv, environment and working
@@ -29,6 +35,15 @@ pub fn job_spec(job: &JobConfig, software_kvm: bool) -> JobSpec {
         argv: job.argv.clone(),
         env,
         cwd: job.cwd.clone(),
+        stdio: job.console_stdio.then(|| StdioPorts {
+            stdout: STDOUT_PORT.into(),
+            stderr: STDERR_PORT.into(),
+        }),
+        root: job.image.then(|| RootImage {
+            serial: IMAGE_SERIAL.into(),
+            fstype: "ext4".into(),
+            boot_init: job.argv.is_empty(),
+        }),
     }
 }
 
@@ -51,6 +66,8 @@ pub struct JobReport {
     pub error: Option<JobError>,
     /// The channel broke (garbage on the wire).
     pub protocol_error: Option<String>,
+    /// The agent handed the guest over to the image's own init.
+    pub handed_over: bool,
 }
 
 /// State shared by the vCPU thread decoding frames and the control loop.
@@ -118,6 +135,7 @@ impl AgentLink {
                     Err(e) => r.protocol_error = Some(format!("bad ERROR report: {e}")),
                 }
             }
+            kind::HANDOVER => lock(&self.report).handed_over = true,
             kind::LOG if self.verbose => {
                 eprintln!("hpcvm: agent: {}", String::from_utf8_lossy(payload));
             }
@@ -217,6 +235,8 @@ mod tests {
             argv: vec!["true".into()],
             env: vec![],
             cwd: "/".into(),
+            stdio: None,
+            root: None,
         };
         let link = AgentLink::new(job, false);
         let irq = devices::EventFdTrigger::new(EventFd::new(EFD_NONBLOCK).unwrap());

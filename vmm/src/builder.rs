@@ -3,7 +3,7 @@
 
 use std::cell::RefCell;
 use std::fs::File;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::path::PathBuf;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -21,12 +21,14 @@ use crate::control::{self, signals::StopSignals, Controller, LoopInputs, Outcome
 use crate::host;
 use crate::legacy::LegacyDevices;
 use crate::memory;
-use crate::pci::{Passthrough, PciBus};
+use crate::pci::{Passthrough, PciBus, VirtioSlot};
 use crate::vfio::{self, host::HostPaths};
+use crate::virtio::{self, VirtioThread};
 use crate::vstate::topology::{places, VcpuPlace};
 use crate::vstate::vcpu::{install_kick_handler, stop_all, StartGate, Vcpu, VcpuShared};
 use crate::vstate::{cpuid, msr, GuestExit, Vm};
 use crate::Error;
+use devices::virtio::{Console, ConsolePort};
 use devices::{MmioBus, PioBus};
 
 /// Builds the VM described by `config`, runs it until it ends, tears it down and
@@ -42,6 +44,12 @@ pub fn run(config: &VmConfig) -> Result<Outcome, Error> {
 pub fn run_with(config: &VmConfig, extra: Vec<Passthrough>) -> Result<Outcome, Error> {
     // Passthrough devices are checked before anything is created.
     let host_devices = vfio::preflight(&HostPaths::real(), &config.devices, config.memory.size)?;
+    // Disks are opened, locked and checked before anything else is created.
+    let disks = config
+        .disks
+        .iter()
+        .map(virtio::disk::open)
+        .collect::<Result<Vec<_>, _>>()?;
     // Before any thread exists, so that SIGTERM/SIGINT only reach the control loop.
     control::signals::block_stop_signals().map_err(io_err("blocking SIGTERM/SIGINT"))?;
     let signals = StopSignals::new().map_err(io_err("the signalfd"))?;
@@ -76,7 +84,8 @@ pub fn run_with(config: &VmConfig, extra: Vec<Passthrough>) -> Result<Outcome, E
     let mut mmio = MmioBus::mmio();
     let mut passthrough = vfio::open(&vm.fd, &host_devices)?;
     passthrough.extend(extra);
-    let pci = if passthrough.is_empty() {
+    let virtio = virtio_slots(config, disks)?;
+    let pci = if passthrough.is_empty() && virtio.is_empty() {
         None
     } else {
         Some(PciBus::build(
@@ -84,9 +93,16 @@ pub fn run_with(config: &VmConfig, extra: Vec<Passthrough>) -> Result<Outcome, E
             &mem,
             config.memory.size,
             passthrough,
+            virtio,
             &mut legacy.pio,
             &mut mmio,
         )?)
+    };
+    let mut virtio_thread = match pci.as_ref().map(PciBus::virtio_devices) {
+        Some(devs) if !devs.is_empty() => {
+            Some(VirtioThread::start(devs).map_err(io_err("the virtio device thread"))?)
+        }
+        _ => None,
     };
     let buses = Buses {
         pio: Arc::new(std::mem::replace(&mut legacy.pio, PioBus::pio())),
@@ -165,9 +181,14 @@ pub fn run_with(config: &VmConfig, extra: Vec<Passthrough>) -> Result<Outcome, E
         Err(_) => unreachable!("the control loop's subscribers are gone"),
     };
     stop_all(&shared, handles);
+    // What the guest queued last (the job's final output) goes out before the exit.
+    if let Some(t) = virtio_thread.as_mut() {
+        t.stop();
+    }
     let _ = legacy.console.lock().map(|mut c| c.flush());
     // Devices out of the guest and guest RAM out of the IOMMU before the VM and its
     // memory go.
+    drop(virtio_thread);
     drop(pci);
     drop(buses);
     drop(vm);
@@ -181,6 +202,44 @@ pub fn run_with(config: &VmConfig, extra: Vec<Passthrough>) -> Result<Outcome, E
 struct Buses {
     pio: Arc<PioBus>,
     mmio: Arc<MmioBus>,
+}
+
+/// The virtio devices the guest gets: the disks in order, then (for a job) the
+/// console whose ports carry the job's stdout and stderr.
+fn virtio_slots(
+    config: &VmConfig,
+    disks: Vec<devices::virtio::Block>,
+) -> Result<Vec<VirtioSlot>, Error> {
+    let mut slots: Vec<VirtioSlot> = config
+        .disks
+        .iter()
+        .zip(disks)
+        .map(|(cfg, dev)| VirtioSlot {
+            name: format!("disk {}", cfg.path.display()),
+            device: Box::new(dev),
+        })
+        .collect();
+    if config.job.as_ref().is_some_and(|j| j.console_stdio) {
+        let dup = |fd: std::os::fd::BorrowedFd<'_>| {
+            fd.try_clone_to_owned()
+                .map_err(io_err("a copy of stdout/stderr for the job console"))
+        };
+        let ports = vec![
+            ConsolePort {
+                name: agent::STDOUT_PORT.into(),
+                out: dup(std::io::stdout().as_fd())?,
+            },
+            ConsolePort {
+                name: agent::STDERR_PORT.into(),
+                out: dup(std::io::stderr().as_fd())?,
+            },
+        ];
+        slots.push(VirtioSlot {
+            name: "the job console".into(),
+            device: Box::new(Console::new(ports)),
+        });
+    }
+    Ok(slots)
 }
 
 /// Writes the job's initramfs into a memfd.

@@ -49,6 +49,9 @@ pub enum Error {
         /// What is wrong, with the fix.
         source: HostError,
     },
+    /// A `--disk` or `--image` cannot be attached.
+    #[error(transparent)]
+    Disk(#[from] crate::virtio::disk::DiskError),
     /// The PCI bus or a passthrough device could not be set up.
     #[error(transparent)]
     Pci(#[from] PciError),

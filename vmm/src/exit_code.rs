@@ -35,6 +35,9 @@ pub const DESTROYED: u8 = 169;
 /// The guest stopped before the agent reported the job's status (kernel panic, agent
 /// crash, guest reset from inside the job).
 pub const JOB_LOST: u8 = 170;
+/// A `--disk` or `--image` is missing, unreadable, locked by another writer, not
+/// ext4 (an image) or truncated.
+pub const DISK: u8 = 171;
 
 /// Every code with its meaning, as documented in README.md.
 pub const TABLE: &[(u8, &str)] = &[
@@ -57,6 +60,10 @@ pub const TABLE: &[(u8, &str)] = &[
     ),
     (DESTROYED, "destroyed on request"),
     (JOB_LOST, "guest stopped before the job reported its status"),
+    (
+        DISK,
+        "disk or image unusable (missing, unreadable, in use, not ext4, truncated)",
+    ),
 ];
 
 /// Exit status for how the guest ended.
@@ -132,6 +139,7 @@ pub fn for_error(err: &Error) -> u8 {
             ..
         } => CONFIG,
         Error::Passthrough { .. } | Error::Pci(_) => HOST_RESOURCES,
+        Error::Disk(_) => DISK,
         Error::Io { .. } => INTERNAL,
     }
 }

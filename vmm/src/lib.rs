@@ -21,6 +21,7 @@ pub mod legacy;
 pub mod memory;
 pub mod pci;
 pub mod vfio;
+pub mod virtio;
 pub mod vstate;
 
 pub use builder::run;

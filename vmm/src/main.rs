@@ -11,7 +11,7 @@ use vmm::allocation;
 use vmm::api::{client, Command as ApiCommand};
 use vmm::assets;
 use vmm::config::{
-    ControlConfig, CpusConfig, JobConfig, KernelConfig, MemoryConfig, VmConfig,
+    ControlConfig, CpusConfig, DiskConfig, JobConfig, KernelConfig, MemoryConfig, VmConfig,
     DEFAULT_GRACE_PERIOD,
 };
 use vmm::vfio::host::HostPaths;
@@ -83,6 +83,15 @@ struct RunArgs {
     /// vfio=/sys/bus/pci/devices/BDF, bound to vfio-pci (repeatable; see docs/vfio.md).
     #[arg(long = "device", value_name = "vfio=BDF")]
     devices: Vec<String>,
+    /// Attach a disk as virtio-blk: PATH[,readonly=on][,serial=ID][,direct=on]
+    /// (repeatable; the guest sees /dev/vda, /dev/vdb, ... in this order).
+    #[arg(long = "disk", value_name = "SPEC")]
+    disks: Vec<String>,
+    /// Run the job in this ext4 root image, opened read-only and shared (writes go to
+    /// guest RAM); without `-- CMD`, boot the image's own /sbin/init. Needs nothing of
+    /// hpcvm inside the image.
+    #[arg(long, value_name = "PATH")]
+    image: Option<PathBuf>,
     /// Control socket (newline-delimited JSON; see docs/api.md), created 0600.
     #[arg(long, value_name = "PATH")]
     api_socket: Option<PathBuf>,
@@ -212,7 +221,7 @@ fn config_from(args: RunArgs) -> Result<VmConfig, CliError> {
         )
         .into());
     }
-    let job = if args.command.is_empty() {
+    let job = if args.command.is_empty() && args.image.is_none() {
         if !args.files.is_empty() || !args.env.is_empty() {
             return Err("--file and --env apply to a command given after --".into());
         }
@@ -252,6 +261,8 @@ fn config_from(args: RunArgs) -> Result<VmConfig, CliError> {
                 files,
                 agent: assets.agent,
                 busybox: assets.busybox,
+                console_stdio: true,
+                image: args.image.is_some(),
             },
         ))
     };
@@ -308,6 +319,12 @@ fn config_from(args: RunArgs) -> Result<VmConfig, CliError> {
                 .devices
                 .iter()
                 .map(|d| d.parse())
+                .collect::<Result<_, _>>()?,
+            disks: args
+                .disks
+                .iter()
+                .map(|d| d.parse())
+                .chain(args.image.iter().map(|p| Ok(DiskConfig::image(p.clone()))))
                 .collect::<Result<_, _>>()?,
             verbose: args.verbose,
         })

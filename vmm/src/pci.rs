@@ -1,4 +1,5 @@
-//! The guest's PCI bus, built only when a device is passed through: the root complex
+//! The guest's PCI bus, built only when a device is passed through or a virtio device
+//! is attached: the root complex
 //! on the port and MMIO buses, the BAR windows (below 4 GiB and above RAM), guest RAM
 //! mapped for DMA, and the passthrough devices.
 
@@ -17,7 +18,9 @@ use crate::memory::layout::{
 };
 use crate::vfio::backend::{DmaDomain, VfioBackend};
 use crate::vfio::device::{BarAllocator, PassthroughError, VfioPciDevice};
+use crate::virtio::VirtioPciDevice;
 use crate::vstate::DeviceVm;
+use devices::virtio::VirtioDevice;
 
 /// Ports of configuration mechanism #1.
 const CONFIG_IO_PORT: u64 = 0xcf8;
@@ -46,6 +49,14 @@ pub enum PciError {
     /// The bus has no free slot.
     #[error("No free PCI slot for {0}: at most 31 devices")]
     BusFull(String),
+    /// A virtio device's notifications or interrupts could not be wired.
+    #[error("Cannot set up {device}: {source}")]
+    Virtio {
+        /// The device.
+        device: String,
+        /// Why.
+        source: crate::vstate::VmError,
+    },
     /// A device region would not fit on the port or MMIO bus.
     #[error("Cannot place the PCI bus: {0}")]
     Layout(#[from] BusError),
@@ -91,25 +102,37 @@ impl BarAllocator for Windows {
     }
 }
 
+/// A virtio device model to put on the bus, with a name for messages.
+pub struct VirtioSlot {
+    /// What it is ("disk /data/in.img", "console").
+    pub name: String,
+    /// The device model.
+    pub device: Box<dyn VirtioDevice>,
+}
+
 /// The bus and what must be undone at teardown.
 pub struct PciBus {
     devices: Vec<Arc<Mutex<VfioPciDevice>>>,
+    virtio: Vec<Arc<Mutex<VirtioPciDevice>>>,
     dma: Vec<Arc<dyn DmaDomain>>,
     mem: GuestMemoryMmap,
 }
 
 impl PciBus {
-    /// Builds the bus with `passthrough` devices on it and puts it on `pio`/`mmio`.
+    /// Builds the bus with `passthrough` devices on it, then the `virtio` ones, and
+    /// puts it on `pio`/`mmio`.
     pub fn build(
         vm: Arc<dyn DeviceVm>,
         mem: &GuestMemoryMmap,
         ram: u64,
         passthrough: Vec<Passthrough>,
+        virtio: Vec<VirtioSlot>,
         pio: &mut PioBus,
         mmio: &mut MmioBus,
     ) -> Result<Self, PciError> {
         let mut bus = Self {
             devices: Vec::new(),
+            virtio: Vec::new(),
             dma: Vec::new(),
             mem: mem.clone(),
         };
@@ -131,8 +154,12 @@ impl PciBus {
                 }
             })?,
         };
-        if passthrough.len() > 31 {
-            return Err(PciError::BusFull(passthrough[31].backend.name()));
+        if passthrough.len() + virtio.len() > 31 {
+            let name = match passthrough.get(31) {
+                Some(p) => p.backend.name(),
+                None => virtio[31 - passthrough.len()].name.clone(),
+            };
+            return Err(PciError::BusFull(name));
         }
         for p in passthrough {
             if !bus.dma.iter().any(|d| Arc::ptr_eq(d, &p.dma)) {
@@ -155,6 +182,19 @@ impl PciBus {
             bus.devices.push(dev.clone());
             let added = lock(&root).add(dev);
             debug_assert_eq!(added, Some(slot), "slots fill in order");
+        }
+        for v in virtio {
+            let bar = windows
+                .allocate(crate::virtio::pci::BAR_SIZE, true)
+                .ok_or_else(|| PciError::BusFull(v.name.clone()))?;
+            let dev = VirtioPciDevice::new(v.name.clone(), v.device, vm.clone(), mem.clone(), bar)
+                .map_err(|source| PciError::Virtio {
+                    device: v.name,
+                    source,
+                })?;
+            let dev = Arc::new(Mutex::new(dev));
+            bus.virtio.push(dev.clone());
+            lock(&root).add(dev);
         }
         pio.insert(
             CONFIG_IO_PORT,
@@ -179,9 +219,17 @@ impl PciBus {
         Ok(bus)
     }
 
+    /// The virtio devices, for the device thread.
+    pub fn virtio_devices(&self) -> Vec<Arc<Mutex<VirtioPciDevice>>> {
+        self.virtio.clone()
+    }
+
     /// Takes every device out of the guest and unmaps guest RAM from the IOMMU; the
     /// vCPUs must be stopped. Also done on drop.
     pub fn release(&mut self) {
+        for d in self.virtio.drain(..) {
+            lock(&d).release();
+        }
         for d in self.devices.drain(..) {
             lock(&d).release();
         }
@@ -223,7 +271,16 @@ mod tests {
             .collect();
         let (mut pio, mut mmio) = (PioBus::pio(), MmioBus::mmio());
         let m = mem(64 << 20);
-        let mut bus = PciBus::build(vm.clone(), &m, 64 << 20, pt, &mut pio, &mut mmio).unwrap();
+        let mut bus = PciBus::build(
+            vm.clone(),
+            &m,
+            64 << 20,
+            pt,
+            Vec::new(),
+            &mut pio,
+            &mut mmio,
+        )
+        .unwrap();
         assert_eq!(*dma.mapped.lock().unwrap(), vec![(0, 64 << 20)]);
         // Device 1 answers config reads through 0xcf8 and through ECAM.
         pio.write(0xcf8, &(0x8000_0000u32 | 1 << 11).to_le_bytes());

@@ -38,6 +38,7 @@ fn main() -> ExitCode {
         control: ControlConfig::default(),
         job: None,
         devices: Vec::new(),
+        disks: Vec::new(),
         verbose: false,
     };
     let fake = Arc::new(FakeVfio::new(options).expect("the fake device's memfd"));

@@ -4,6 +4,7 @@
 
 pub mod cpus;
 pub mod device;
+pub mod disk;
 pub mod memory;
 
 use std::path::PathBuf;
@@ -11,6 +12,7 @@ use std::time::Duration;
 
 pub use cpus::{CpusConfig, Topology};
 pub use device::DeviceConfig;
+pub use disk::DiskConfig;
 pub use memory::{HugePageSize, MemoryConfig};
 use thiserror::Error;
 
@@ -32,6 +34,14 @@ pub enum ConfigError {
     /// `--memory` did not parse.
     #[error("Invalid --memory '{value}': {reason}")]
     Memory {
+        /// The option string as given.
+        value: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// `--disk` did not parse.
+    #[error("Invalid --disk '{value}': {reason}")]
+    Disk {
         /// The option string as given.
         value: String,
         /// What is wrong with it.
@@ -105,6 +115,12 @@ pub struct JobConfig {
     pub agent: PathBuf,
     /// A static busybox for the job's shell and tools, if available.
     pub busybox: Option<PathBuf>,
+    /// The job's stdout and stderr travel over virtio-console ports (else over the
+    /// agent's serial channel).
+    pub console_stdio: bool,
+    /// The job runs in the `--image` root filesystem; with an empty `argv` the
+    /// image's own init boots instead.
+    pub image: bool,
 }
 
 /// The environment every job starts with; `--env` adds to or overrides it.
@@ -150,6 +166,9 @@ pub struct VmConfig {
     pub job: Option<JobConfig>,
     /// Host PCI functions passed through with VFIO.
     pub devices: Vec<DeviceConfig>,
+    /// virtio-blk disks, in the order the guest sees them (`/dev/vda`, ...); an
+    /// `--image` disk comes last.
+    pub disks: Vec<DiskConfig>,
     /// Show the guest console (kernel messages) and agent diagnostics.
     pub verbose: bool,
 }

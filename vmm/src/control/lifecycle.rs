@@ -182,7 +182,7 @@ impl Controller {
             // A paused guest cannot honour the request.
             self.resume()?;
         }
-        match &self.agent {
+        match self.job_agent() {
             // The job gets SIGTERM, as if it ran on the host.
             Some((link, port)) => {
                 link.signal(libc::SIGTERM as u8);
@@ -209,10 +209,18 @@ impl Controller {
 
     /// Passes `sig` on to the guest job's process group (ignored without a job).
     pub fn forward_signal(&mut self, sig: libc::c_int) {
-        if let (Some((link, port)), Ok(sig)) = (&self.agent, u8::try_from(sig)) {
+        if let (Some((link, port)), Ok(sig)) = (self.job_agent(), u8::try_from(sig)) {
             link.signal(sig);
             devices::lock(port).flush_to_guest();
         }
+    }
+
+    /// The agent while it runs a job: after it handed the guest to the image's own
+    /// init (`hpcvm run --image` without a command) the guest is like any other.
+    fn job_agent(&self) -> Option<&(Arc<AgentLink>, Arc<Mutex<AgentPort>>)> {
+        self.agent
+            .as_ref()
+            .filter(|(link, _)| !link.report().handed_over)
     }
 
     /// True while a shutdown is under way.
@@ -252,7 +260,7 @@ impl Controller {
         if exit == GuestExit::Reset && self.panicked.load(std::sync::atomic::Ordering::Acquire) {
             exit = GuestExit::KernelPanic;
         }
-        if let Some((link, _)) = &self.agent {
+        if let Some((link, _)) = self.job_agent() {
             let report = link.report();
             self.outcome = Some(match (report.error, report.exit) {
                 (Some(e), _) => Outcome::JobFailed(e),

@@ -384,6 +384,8 @@ pub struct FakeVmState {
     pub irqfds: std::collections::BTreeSet<u32>,
     /// GSIs with a level-triggered (resample) irqfd.
     pub level_irqfds: std::collections::BTreeSet<u32>,
+    /// MMIO addresses with a registered ioeventfd.
+    pub ioevents: std::collections::BTreeSet<u64>,
 }
 
 /// A VM that records slots, routes and irqfds instead of calling KVM.
@@ -457,6 +459,16 @@ impl crate::vstate::DeviceVm for FakeVm {
         let mut s = lock(&self.state);
         s.irqfds.remove(&gsi);
         s.level_irqfds.remove(&gsi);
+        Ok(())
+    }
+
+    fn register_ioevent(&self, _evt: &EventFd, addr: u64) -> Result<(), crate::vstate::VmError> {
+        lock(&self.state).ioevents.insert(addr);
+        Ok(())
+    }
+
+    fn unregister_ioevent(&self, _evt: &EventFd, addr: u64) -> Result<(), crate::vstate::VmError> {
+        lock(&self.state).ioevents.remove(&addr);
         Ok(())
     }
 

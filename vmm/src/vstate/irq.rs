@@ -44,6 +44,11 @@ pub trait DeviceVm: Send + Sync {
     fn register_irqfd(&self, evt: &EventFd, gsi: u32) -> Result<(), VmError>;
     /// Undoes [`DeviceVm::register_irqfd`].
     fn unregister_irqfd(&self, evt: &EventFd, gsi: u32) -> Result<(), VmError>;
+    /// Makes each guest write to the MMIO address `addr` signal `evt` in the kernel,
+    /// without a VMM exit (a virtqueue notification).
+    fn register_ioevent(&self, evt: &EventFd, addr: u64) -> Result<(), VmError>;
+    /// Undoes [`DeviceVm::register_ioevent`].
+    fn unregister_ioevent(&self, evt: &EventFd, addr: u64) -> Result<(), VmError>;
     /// A level-triggered line: `evt` asserts `gsi`, and KVM writes `resample` when the
     /// guest acknowledges it (INTx through the IOAPIC).
     fn register_irqfd_resample(

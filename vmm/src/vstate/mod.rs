@@ -2,6 +2,7 @@
 
 pub mod cpuid;
 pub mod irq;
+pub mod msix;
 pub mod msr;
 pub mod topology;
 pub mod vcpu;

@@ -4,7 +4,7 @@ use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES,
     KVM_PIT_SPEAKER_DUMMY,
 };
-use kvm_ioctls::{Cap, Kvm, VmFd};
+use kvm_ioctls::{Cap, IoEventAddress, Kvm, NoDatamatch, VmFd};
 use thiserror::Error;
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::errno;
@@ -239,6 +239,18 @@ impl DeviceVm for Vm {
         self.fd
             .unregister_irqfd(evt, gsi)
             .map_err(kvm_err("IRQFD (deassign)"))
+    }
+
+    fn register_ioevent(&self, evt: &EventFd, addr: u64) -> Result<(), VmError> {
+        self.fd
+            .register_ioevent(evt, &IoEventAddress::Mmio(addr), NoDatamatch)
+            .map_err(kvm_err("IOEVENTFD"))
+    }
+
+    fn unregister_ioevent(&self, evt: &EventFd, addr: u64) -> Result<(), VmError> {
+        self.fd
+            .unregister_ioevent(evt, &IoEventAddress::Mmio(addr), NoDatamatch)
+            .map_err(kvm_err("IOEVENTFD (deassign)"))
     }
 
     fn register_irqfd_resample(

@@ -1,0 +1,133 @@
+//! hpcvm's virtio devices: the virtio-pci transport ([`pci`]), the host side of disks
+//! and images ([`disk`]), and the device thread that serves every virtqueue off the
+//! vCPU threads ([`VirtioThread`]).
+
+pub mod disk;
+pub mod pci;
+
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use devices::lock;
+use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+pub use pci::VirtioPciDevice;
+
+/// Wakes one device's queues: each queue's notifier, registered with its index.
+struct QueueEvents {
+    dev: Arc<Mutex<VirtioPciDevice>>,
+    notifiers: Vec<EventFd>,
+}
+
+impl MutEventSubscriber for QueueEvents {
+    fn init(&mut self, ops: &mut EventOps) {
+        for (i, evt) in self.notifiers.iter().enumerate() {
+            let _ = ops.add(Events::with_data(evt, i as u32, EventSet::IN));
+        }
+    }
+
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        let i = events.data() as usize;
+        if let Some(evt) = self.notifiers.get(i) {
+            let _ = evt.read();
+        }
+        lock(&self.dev).process(i);
+    }
+}
+
+/// Ends the loop when signalled.
+struct Stop {
+    evt: EventFd,
+    stopped: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl MutEventSubscriber for Stop {
+    fn init(&mut self, ops: &mut EventOps) {
+        let _ = ops.add(Events::new(&self.evt, EventSet::IN));
+    }
+
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let _ = self.evt.read();
+        self.stopped
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+}
+
+/// The thread ("virtio") that serves every device's queues.
+pub struct VirtioThread {
+    devices: Vec<Arc<Mutex<VirtioPciDevice>>>,
+    stop: EventFd,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl VirtioThread {
+    /// Starts serving `devices`.
+    pub fn start(devices: Vec<Arc<Mutex<VirtioPciDevice>>>) -> std::io::Result<Self> {
+        let stop = EventFd::new(EFD_NONBLOCK)?;
+        let mut subs = Vec::with_capacity(devices.len());
+        for d in &devices {
+            subs.push(QueueEvents {
+                dev: d.clone(),
+                notifiers: lock(d).notifiers()?,
+            });
+        }
+        let stop_evt = stop.try_clone()?;
+        let thread = std::thread::Builder::new()
+            .name("virtio".into())
+            .spawn(move || serve(subs, stop_evt))?;
+        Ok(Self {
+            devices,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Stops the thread, then serves every queue once more on this one, so that what
+    /// the guest queued before it stopped (the job's last output) is not lost. The
+    /// vCPUs must be stopped.
+    pub fn stop(&mut self) {
+        if let Some(t) = self.thread.take() {
+            let _ = self.stop.write(1);
+            let _ = t.join();
+        }
+        for d in &self.devices {
+            let mut d = lock(d);
+            for q in 0..d.queue_count() {
+                d.process(q);
+            }
+        }
+    }
+}
+
+impl Drop for VirtioThread {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn serve(subs: Vec<QueueEvents>, stop: EventFd) {
+    let Ok(mut em) = EventManager::<Box<dyn MutEventSubscriber>>::new() else {
+        eprintln!("hpcvm: virtio: cannot create the device thread's epoll");
+        return;
+    };
+    let stopped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    em.add_subscriber(Box::new(Stop {
+        evt: stop,
+        stopped: stopped.clone(),
+    }));
+    for s in subs {
+        em.add_subscriber(Box::new(s));
+    }
+    while !stopped.load(std::sync::atomic::Ordering::Acquire) {
+        match em.run() {
+            Ok(_) => {}
+            Err(event_manager::Error::Epoll(e)) if e.errno() == libc::EINTR => {}
+            Err(e) => {
+                eprintln!("hpcvm: virtio: device thread: {e}");
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,581 @@
+//! The virtio-pci modern transport (virtio 1.x, section 4.1): a PCI function whose one
+//! 64-bit memory BAR holds the common configuration, the ISR, the device
+//! configuration, the queue notification area and the MSI-X table and PBA, each
+//! described by a vendor capability. Queue notifications are KVM ioeventfds and
+//! interrupts MSI-X irqfds, so the data path costs no exit to hpcvm; only setup
+//! (config space, common configuration) is trapped.
+
+use std::sync::{Arc, Mutex};
+
+use devices::lock;
+use devices::pci::msix::MsixChange;
+use devices::pci::{merge_bytes, regs, BarRange, MsixTable, PciDevice};
+use devices::virtio::{DeviceQueues, QueueInterrupt, VirtioDevice};
+use virtio_bindings::virtio_config::*;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::vstate::msix::MsixVector;
+use crate::vstate::{DeviceVm, VmError};
+
+/// PCI vendor ID of virtio devices.
+pub const VENDOR: u16 = 0x1af4;
+/// Modern device IDs are 0x1040 + the virtio device type.
+const DEVICE_BASE: u16 = 0x1040;
+/// "No vector" in the MSI-X vector registers.
+pub const NO_VECTOR: u16 = 0xffff;
+
+/// Size of the BAR (a power of two).
+pub const BAR_SIZE: u64 = 0x8000;
+/// Where each structure sits in the BAR.
+const COMMON: u64 = 0x0000;
+const COMMON_LEN: u64 = 0x38;
+const ISR: u64 = 0x1000;
+const DEVICE_CFG: u64 = 0x2000;
+const DEVICE_CFG_LEN: u64 = 0x1000;
+const NOTIFY: u64 = 0x3000;
+/// Bytes between two queues' notification addresses.
+const NOTIFY_MULTIPLIER: u32 = 4;
+const MSIX_TABLE: u64 = 0x4000;
+const MSIX_PBA: u64 = 0x6000;
+
+/// Capability offsets in config space.
+const CAP_MSIX: usize = 0x40;
+/// Virtio capability types (virtio_pci_cap.cfg_type).
+const CAPS: [(usize, u8, u64, u64); 4] = [
+    (0x4c, 1, COMMON, COMMON_LEN),
+    (0x5c, 2, NOTIFY, 0), // length set from the queue count
+    (0x70, 3, ISR, 1),
+    (0x80, 4, DEVICE_CFG, DEVICE_CFG_LEN),
+];
+/// The vendor-specific capability ID.
+const CAP_VENDOR: u8 = 0x09;
+
+/// Interrupts for the device model: each queue's MSI-X vector, as the driver chose.
+struct Irq {
+    evts: Vec<EventFd>,
+    queue_vector: Mutex<Vec<u16>>,
+}
+
+impl QueueInterrupt for Irq {
+    fn notify_queue(&self, index: usize) {
+        let v = lock(&self.queue_vector)
+            .get(index)
+            .copied()
+            .unwrap_or(NO_VECTOR);
+        if let Some(evt) = self.evts.get(usize::from(v)) {
+            let _ = evt.write(1);
+        }
+    }
+}
+
+/// A virtio device on the PCI bus.
+pub struct VirtioPciDevice {
+    name: String,
+    dev: Box<dyn VirtioDevice>,
+    vm: Arc<dyn DeviceVm>,
+    mem: GuestMemoryMmap,
+    config: Vec<u8>,
+    command: u16,
+    bar_addr: u64,
+    bar_sizing: [bool; 2],
+    /// Where the queues' ioeventfds are registered (the BAR address then).
+    ioevents_at: Option<u64>,
+    device_feature_select: u32,
+    driver_feature_select: u32,
+    driver_features: u64,
+    status: u8,
+    queue_select: u16,
+    config_vector: u16,
+    queues: Vec<Queue>,
+    notify: Vec<EventFd>,
+    msix: MsixTable,
+    vectors: Vec<MsixVector>,
+    irq: Arc<Irq>,
+    active: bool,
+}
+
+fn vm_io(what: &'static str) -> impl FnOnce(std::io::Error) -> VmError {
+    move |e| VmError::Kvm {
+        what,
+        source: vmm_sys_util::errno::Error::new(e.raw_os_error().unwrap_or(libc::EIO)),
+    }
+}
+
+impl VirtioPciDevice {
+    /// `dev` as a PCI function whose BAR sits at guest-physical `bar_addr`.
+    pub fn new(
+        name: String,
+        dev: Box<dyn VirtioDevice>,
+        vm: Arc<dyn DeviceVm>,
+        mem: GuestMemoryMmap,
+        bar_addr: u64,
+    ) -> Result<Self, VmError> {
+        let sizes = dev.queue_max_sizes();
+        let queues = sizes
+            .iter()
+            .map(|&s| {
+                Queue::new(s).map_err(|_| vm_io("a virtqueue")(std::io::Error::other("bad size")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let notify = (0..sizes.len())
+            .map(|_| EventFd::new(EFD_NONBLOCK).map_err(vm_io("a queue eventfd")))
+            .collect::<Result<Vec<_>, _>>()?;
+        let nvec = sizes.len() + 1;
+        let vectors = (0..nvec)
+            .map(|_| MsixVector::new(vm.as_ref()))
+            .collect::<Result<Vec<_>, _>>()?;
+        let evts = vectors
+            .iter()
+            .map(|v| v.evt.try_clone().map_err(vm_io("an MSI-X eventfd")))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut d = Self {
+            name,
+            config: config_space(dev.device_type(), sizes.len()),
+            dev,
+            vm,
+            mem,
+            command: 0,
+            bar_addr,
+            bar_sizing: [false; 2],
+            ioevents_at: None,
+            device_feature_select: 0,
+            driver_feature_select: 0,
+            driver_features: 0,
+            status: 0,
+            queue_select: 0,
+            config_vector: NO_VECTOR,
+            queues,
+            notify,
+            msix: MsixTable::new(nvec),
+            vectors,
+            irq: Arc::new(Irq {
+                evts,
+                queue_vector: Mutex::new(vec![NO_VECTOR; sizes.len()]),
+            }),
+            active: false,
+        };
+        d.register_ioevents()?;
+        Ok(d)
+    }
+
+    /// What the device is (for messages).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The queues' notification eventfds, for the device thread to wait on.
+    pub fn notifiers(&self) -> std::io::Result<Vec<EventFd>> {
+        self.notify.iter().map(EventFd::try_clone).collect()
+    }
+
+    /// Number of queues.
+    pub fn queue_count(&self) -> usize {
+        self.queues.len()
+    }
+
+    /// The driver has started the device (DRIVER_OK) and not reset it.
+    pub fn active(&self) -> bool {
+        self.active
+    }
+
+    /// Runs the device model on queue `index`, if the device is active.
+    pub fn process(&mut self, index: usize) {
+        if !self.active {
+            return;
+        }
+        let mut q = DeviceQueues {
+            mem: &self.mem,
+            queues: &mut self.queues,
+            irq: self.irq.as_ref(),
+        };
+        self.dev.process(index, &mut q);
+    }
+
+    /// The device model, for status and tests.
+    pub fn device(&self) -> &dyn VirtioDevice {
+        self.dev.as_ref()
+    }
+
+    fn register_ioevents(&mut self) -> Result<(), VmError> {
+        let base = self.bar_addr + NOTIFY;
+        for (i, evt) in self.notify.iter().enumerate() {
+            let addr = base + i as u64 * u64::from(NOTIFY_MULTIPLIER);
+            if let Err(e) = self.vm.register_ioevent(evt, addr) {
+                for (j, done) in self.notify.iter().enumerate().take(i) {
+                    let _ = self
+                        .vm
+                        .unregister_ioevent(done, base + j as u64 * u64::from(NOTIFY_MULTIPLIER));
+                }
+                return Err(e);
+            }
+        }
+        self.ioevents_at = Some(self.bar_addr);
+        Ok(())
+    }
+
+    fn unregister_ioevents(&mut self) {
+        if let Some(at) = self.ioevents_at.take() {
+            for (i, evt) in self.notify.iter().enumerate() {
+                let addr = at + NOTIFY + i as u64 * u64::from(NOTIFY_MULTIPLIER);
+                let _ = self.vm.unregister_ioevent(evt, addr);
+            }
+        }
+    }
+
+    /// Unroutes every vector and removes the ioeventfds; the vCPUs must be stopped.
+    pub fn release(&mut self) {
+        self.unregister_ioevents();
+        for v in &mut self.vectors {
+            v.unroute(self.vm.as_ref());
+        }
+    }
+
+    fn reset(&mut self) {
+        self.dev.reset();
+        for q in &mut self.queues {
+            q.reset();
+        }
+        lock(&self.irq.queue_vector).fill(NO_VECTOR);
+        self.config_vector = NO_VECTOR;
+        self.driver_features = 0;
+        self.device_feature_select = 0;
+        self.driver_feature_select = 0;
+        self.queue_select = 0;
+        self.status = 0;
+        self.active = false;
+    }
+
+    fn set_status(&mut self, value: u8) {
+        if value == 0 {
+            self.reset();
+            return;
+        }
+        let features_ok = VIRTIO_CONFIG_S_FEATURES_OK as u8;
+        let driver_ok = VIRTIO_CONFIG_S_DRIVER_OK as u8;
+        let mut new = value;
+        if new & features_ok != 0 && self.status & features_ok == 0 {
+            let offered = self.dev.features();
+            let version_1 = 1u64 << VIRTIO_F_VERSION_1;
+            if self.driver_features & !offered != 0 || self.driver_features & version_1 == 0 {
+                new &= !features_ok;
+            }
+        }
+        if new & driver_ok != 0 && !self.active && new & features_ok != 0 {
+            let event_idx = self.driver_features
+                & 1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX
+                != 0;
+            let mut valid = true;
+            for q in &mut self.queues {
+                q.set_event_idx(event_idx);
+                if q.ready() && !q.is_valid(&self.mem) {
+                    valid = false;
+                }
+            }
+            if valid {
+                self.active = true;
+                self.dev.activate(self.driver_features);
+            } else {
+                new |= VIRTIO_CONFIG_S_NEEDS_RESET as u8;
+            }
+        }
+        self.status = new;
+    }
+
+    fn selected(&mut self) -> Option<&mut Queue> {
+        self.queues.get_mut(usize::from(self.queue_select))
+    }
+
+    fn common_read(&mut self, offset: u64, data: &mut [u8]) {
+        let sel = usize::from(self.queue_select);
+        let q = self.queues.get(sel);
+        let qv = lock(&self.irq.queue_vector)
+            .get(sel)
+            .copied()
+            .unwrap_or(NO_VECTOR);
+        let features = self.dev.features();
+        let v: u64 = match offset {
+            0x00 => u64::from(self.device_feature_select),
+            0x04 => match self.device_feature_select {
+                0 => features & 0xffff_ffff,
+                1 => features >> 32,
+                _ => 0,
+            },
+            0x08 => u64::from(self.driver_feature_select),
+            0x0c => match self.driver_feature_select {
+                0 => self.driver_features & 0xffff_ffff,
+                1 => self.driver_features >> 32,
+                _ => 0,
+            },
+            0x10 => u64::from(self.config_vector),
+            0x12 => self.queues.len() as u64,
+            0x14 => u64::from(self.status),
+            0x15 => 0,
+            0x16 => u64::from(self.queue_select),
+            0x18 => q.map_or(0, |q| u64::from(q.size())),
+            0x1a => u64::from(qv),
+            0x1c => q.map_or(0, |q| u64::from(q.ready())),
+            0x1e => sel as u64,
+            0x20 => q.map_or(0, |q| q.desc_table() & 0xffff_ffff),
+            0x24 => q.map_or(0, |q| q.desc_table() >> 32),
+            0x28 => q.map_or(0, |q| q.avail_ring() & 0xffff_ffff),
+            0x2c => q.map_or(0, |q| q.avail_ring() >> 32),
+            0x30 => q.map_or(0, |q| q.used_ring() & 0xffff_ffff),
+            0x34 => q.map_or(0, |q| q.used_ring() >> 32),
+            _ => 0,
+        };
+        let bytes = v.to_le_bytes();
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = bytes.get(i).copied().unwrap_or(0);
+        }
+    }
+
+    fn common_write(&mut self, offset: u64, data: &[u8]) {
+        let mut raw = [0u8; 8];
+        let n = data.len().min(8);
+        raw[..n].copy_from_slice(&data[..n]);
+        let v = u64::from_le_bytes(raw);
+        let (lo, w16) = (v as u32, v as u16);
+        let nvec = self.vectors.len() as u16;
+        let vector = |x: u16| if x < nvec { x } else { NO_VECTOR };
+        // Queue registers are frozen once the device runs.
+        let queue_ok = !self.active;
+        match offset {
+            0x00 => self.device_feature_select = lo,
+            0x08 => self.driver_feature_select = lo,
+            0x0c if self.status & VIRTIO_CONFIG_S_FEATURES_OK as u8 == 0 => {
+                match self.driver_feature_select {
+                    0 => self.driver_features = self.driver_features & !0xffff_ffff | u64::from(lo),
+                    1 => {
+                        self.driver_features =
+                            self.driver_features & 0xffff_ffff | u64::from(lo) << 32
+                    }
+                    _ => {}
+                }
+            }
+            0x10 => self.config_vector = vector(w16),
+            0x14 => self.set_status(v as u8),
+            0x16 => self.queue_select = w16,
+            0x18 if queue_ok => {
+                if let Some(q) = self.selected() {
+                    q.set_size(w16);
+                }
+            }
+            0x1a => {
+                let sel = usize::from(self.queue_select);
+                if let Some(slot) = lock(&self.irq.queue_vector).get_mut(sel) {
+                    *slot = vector(w16);
+                }
+            }
+            0x1c if queue_ok => {
+                if let Some(q) = self.selected() {
+                    q.set_ready(w16 == 1);
+                }
+            }
+            0x20 | 0x24 | 0x28 | 0x2c | 0x30 | 0x34 if queue_ok => {
+                let high = offset & 4 != 0;
+                let (lo_part, hi_part) = if high {
+                    (None, Some(lo))
+                } else {
+                    (Some(lo), None)
+                };
+                if let Some(q) = self.selected() {
+                    match offset & !4 {
+                        0x20 => q.set_desc_table_address(lo_part, hi_part),
+                        0x28 => q.set_avail_ring_address(lo_part, hi_part),
+                        _ => q.set_used_ring_address(lo_part, hi_part),
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn update_vector(&mut self, v: usize) {
+        if let Some(vec) = self.vectors.get_mut(v) {
+            vec.update(self.vm.as_ref(), &self.msix, v);
+        }
+    }
+
+    fn bar_register(&self, high: bool) -> u32 {
+        if high {
+            if self.bar_sizing[1] {
+                (!(BAR_SIZE - 1) >> 32) as u32
+            } else {
+                (self.bar_addr >> 32) as u32
+            }
+        } else if self.bar_sizing[0] {
+            (!(BAR_SIZE - 1) as u32) | BAR_MEM64
+        } else {
+            self.bar_addr as u32 | BAR_MEM64
+        }
+    }
+
+    fn write_bar(&mut self, high: bool, value: u32) {
+        if value == u32::MAX {
+            self.bar_sizing[usize::from(high)] = true;
+            return;
+        }
+        self.bar_sizing[usize::from(high)] = false;
+        let old = self.bar_addr;
+        let addr = if high {
+            u64::from(value) << 32 | (self.bar_addr & 0xffff_ffff)
+        } else {
+            self.bar_addr & !0xffff_ffff | u64::from(value & !0xf)
+        };
+        self.bar_addr = addr & !(BAR_SIZE - 1);
+        if self.bar_addr != old {
+            // The notification addresses move with the BAR.
+            self.unregister_ioevents();
+            let _ = self.register_ioevents();
+        }
+    }
+}
+
+/// BAR 0 type bits: 64-bit memory, not prefetchable.
+const BAR_MEM64: u32 = 0b100;
+
+/// The static part of config space: IDs, class, capabilities.
+fn config_space(device_type: u32, queues: usize) -> Vec<u8> {
+    let mut c = vec![0u8; regs::CONFIG_SIZE];
+    let put =
+        |c: &mut Vec<u8>, at: usize, bytes: &[u8]| c[at..at + bytes.len()].copy_from_slice(bytes);
+    put(&mut c, 0, &VENDOR.to_le_bytes());
+    put(&mut c, 2, &(DEVICE_BASE + device_type as u16).to_le_bytes());
+    // Revision 1 (modern only); class: mass storage for block, communication for
+    // the console, else "other".
+    let class: u32 = match device_type {
+        2 => 0x01_80_00,
+        3 => 0x07_80_00,
+        _ => 0xff_00_00,
+    };
+    put(&mut c, 8, &(class << 8 | 1).to_le_bytes());
+    put(&mut c, 0x2c, &VENDOR.to_le_bytes());
+    put(&mut c, 0x2e, &(0x40 + device_type as u16).to_le_bytes());
+    put(&mut c, regs::CAP_PTR, &[CAP_MSIX as u8]);
+    // MSI-X: table and PBA in BAR 0.
+    let vectors = queues + 1;
+    put(&mut c, CAP_MSIX, &[regs::CAP_MSIX, CAPS[0].0 as u8]);
+    put(&mut c, CAP_MSIX + 2, &((vectors - 1) as u16).to_le_bytes());
+    put(&mut c, CAP_MSIX + 4, &(MSIX_TABLE as u32).to_le_bytes());
+    put(&mut c, CAP_MSIX + 8, &(MSIX_PBA as u32).to_le_bytes());
+    for (i, &(at, kind, offset, len)) in CAPS.iter().enumerate() {
+        let next = CAPS.get(i + 1).map_or(0, |n| n.0 as u8);
+        let len = if kind == 2 {
+            queues as u64 * u64::from(NOTIFY_MULTIPLIER)
+        } else {
+            len
+        };
+        let cap_len = if kind == 2 { 20 } else { 16 };
+        put(&mut c, at, &[CAP_VENDOR, next, cap_len, kind, 0, 0, 0, 0]);
+        put(&mut c, at + 8, &(offset as u32).to_le_bytes());
+        put(&mut c, at + 12, &(len as u32).to_le_bytes());
+        if kind == 2 {
+            put(&mut c, at + 16, &NOTIFY_MULTIPLIER.to_le_bytes());
+        }
+    }
+    c
+}
+
+impl PciDevice for VirtioPciDevice {
+    fn config_read(&mut self, reg: usize) -> u32 {
+        let stat = |c: &[u8]| u32::from_le_bytes(c[reg..reg + 4].try_into().expect("4 bytes"));
+        match reg {
+            regs::COMMAND => u32::from(regs::STATUS_CAP_LIST) << 16 | u32::from(self.command),
+            regs::BAR0 => self.bar_register(false),
+            r if r == regs::BAR0 + 4 => self.bar_register(true),
+            CAP_MSIX => stat(&self.config) & 0xffff | u32::from(self.msix.control()) << 16,
+            r if r < regs::CONFIG_SIZE => stat(&self.config),
+            _ => 0,
+        }
+    }
+
+    fn config_write(&mut self, reg: usize, offset: usize, data: &[u8]) {
+        match reg {
+            regs::COMMAND => {
+                let v = merge_bytes(u32::from(self.command), offset, data);
+                self.command = v as u16;
+            }
+            regs::BAR0 => {
+                let v = merge_bytes(self.bar_register(false), offset, data);
+                self.write_bar(false, v);
+            }
+            r if r == regs::BAR0 + 4 => {
+                let v = merge_bytes(self.bar_register(true), offset, data);
+                self.write_bar(true, v);
+            }
+            CAP_MSIX => {
+                let dword = u32::from(self.msix.control()) << 16;
+                let v = merge_bytes(dword, offset, data);
+                if self.msix.set_control((v >> 16) as u16) {
+                    for i in 0..self.vectors.len() {
+                        self.update_vector(i);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn trapped_bars(&self) -> Vec<BarRange> {
+        if self.command & regs::CMD_MEMORY == 0 {
+            return Vec::new();
+        }
+        vec![BarRange {
+            index: 0,
+            addr: self.bar_addr,
+            size: BAR_SIZE,
+        }]
+    }
+
+    fn bar_read(&mut self, _bar: usize, offset: u64, data: &mut [u8]) {
+        match offset {
+            o if o < COMMON + COMMON_LEN => self.common_read(o - COMMON, data),
+            o if (ISR..ISR + 1).contains(&o) => data.fill(0),
+            o if (DEVICE_CFG..DEVICE_CFG + DEVICE_CFG_LEN).contains(&o) => {
+                self.dev.read_config(o - DEVICE_CFG, data)
+            }
+            o if (MSIX_TABLE..MSIX_TABLE + self.msix.table_size()).contains(&o) => {
+                self.msix.read_table(o - MSIX_TABLE, data)
+            }
+            o if (MSIX_PBA..MSIX_PBA + self.msix.pba_size()).contains(&o) => {
+                for (v, vec) in self.vectors.iter().enumerate() {
+                    self.msix.set_pending(v, !vec.routed() && vec.pending());
+                }
+                self.msix.read_pba(o - MSIX_PBA, data)
+            }
+            _ => data.fill(0),
+        }
+    }
+
+    fn bar_write(&mut self, _bar: usize, offset: u64, data: &[u8]) {
+        match offset {
+            o if o < COMMON + COMMON_LEN => self.common_write(o - COMMON, data),
+            o if (DEVICE_CFG..DEVICE_CFG + DEVICE_CFG_LEN).contains(&o) => {
+                self.dev.write_config(o - DEVICE_CFG, data)
+            }
+            o if (NOTIFY..NOTIFY + self.queues.len() as u64 * 4).contains(&o) => {
+                // Only reached when KVM did not take the write as an ioeventfd.
+                if let Some(evt) = self.notify.get(((o - NOTIFY) / 4) as usize) {
+                    let _ = evt.write(1);
+                }
+            }
+            o if (MSIX_TABLE..MSIX_TABLE + self.msix.table_size()).contains(&o) => {
+                if let Some(MsixChange::Vector(v)) = self.msix.write_table(o - MSIX_TABLE, data) {
+                    self.update_vector(v);
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+impl Drop for VirtioPciDevice {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+#[cfg(test)]
+mod tests;
