@@ -8,11 +8,12 @@ GUEST := target/guest
 
 all: build
 
-# Debian packages: gcc/as/ld for the test guests, a static busybox for job guests.
+# Debian packages: gcc/as/ld for the test guests, a static busybox for job guests,
+# mkfs.ext4 for the disk and image tests.
 deps:
-	@command -v gcc >/dev/null && command -v ld >/dev/null && \
+	@command -v gcc >/dev/null && command -v ld >/dev/null && command -v mkfs.ext4 >/dev/null && \
 	  dpkg -s busybox-static >/dev/null 2>&1 || \
-	  { apt-get update && apt-get install -y --no-install-recommends build-essential busybox-static; }
+	  { apt-get update && apt-get install -y --no-install-recommends build-essential busybox-static e2fsprogs; }
 
 build: deps
 	$(CARGO) build --release --workspace --bins

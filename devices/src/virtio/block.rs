@@ -43,6 +43,7 @@ pub struct BlockOptions {
 }
 
 /// One virtio-blk device.
+#[derive(Debug)]
 pub struct Block {
     file: File,
     sectors: u64,

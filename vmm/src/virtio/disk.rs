@@ -83,6 +83,13 @@ const EXT4_MAGIC: u16 = 0xef53;
 /// Opens, locks and checks the disk `cfg` describes; returns the device model.
 pub fn open(cfg: &DiskConfig) -> Result<Block, DiskError> {
     let path = cfg.path.clone();
+    // A directory or socket named by mistake gets its own message, not EISDIR.
+    if let Ok(meta) = std::fs::metadata(&path) {
+        let kind = meta.file_type();
+        if !kind.is_file() && !kind.is_block_device() {
+            return Err(DiskError::NotADisk { path });
+        }
+    }
     let mut flags = libc::O_CLOEXEC;
     if cfg.direct {
         flags |= libc::O_DIRECT;
@@ -96,11 +103,13 @@ pub fn open(cfg: &DiskConfig) -> Result<Block, DiskError> {
             path: path.clone(),
             source,
         })?;
-    let meta = file.metadata().map_err(|source| DiskError::Open {
-        path: path.clone(),
-        source,
-    })?;
-    let kind = meta.file_type();
+    let kind = file
+        .metadata()
+        .map_err(|source| DiskError::Open {
+            path: path.clone(),
+            source,
+        })?
+        .file_type();
     if !kind.is_file() && !kind.is_block_device() {
         return Err(DiskError::NotADisk { path });
     }

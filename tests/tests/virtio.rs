@@ -1,0 +1,278 @@
+//! Real /dev/kvm, real guest kernel: the virtio data path. Disks made here with
+//! `mkfs.ext4 -d` are read by the guest, a read-only one refuses writes and stays
+//! byte-identical, a writable one takes them; an `--image` with nothing of hpcvm in it
+//! is the job's root, shared read-only by two VMs at once; megabytes of job output
+//! arrive intact with stdout and stderr apart. Bad disks are refused before boot.
+
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use hpcvm_tests::proc::run_hpcvm;
+
+/// Boot, job and exit together; generous for software KVM, where a boot takes 20-60 s.
+const JOB_TIMEOUT: Duration = Duration::from_secs(300);
+/// The exit status for an unusable disk or image.
+const DISK: i32 = 171;
+
+/// A scratch directory for one test, removed when dropped.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(test: &str) -> Self {
+        let d = std::env::temp_dir().join(format!("hpcvm-virtio-{}-{test}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        Self(d)
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// `mkfs.ext4 -d dir` into a `size` image at `out`.
+fn mkfs(dir: &Path, out: &Path, size: &str) {
+    // An existing file keeps mkfs from announcing that it creates one.
+    std::fs::File::create(out).unwrap();
+    let st = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-d"])
+        .arg(dir)
+        .arg(out)
+        .arg(size)
+        .status()
+        .expect("mkfs.ext4 (e2fsprogs; make deps installs it)");
+    assert!(st.success(), "mkfs.ext4 failed");
+}
+
+fn sha256(data: &[u8]) -> String {
+    let mut child = Command::new("sha256sum")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(data).unwrap();
+    let out = child.wait_with_output().unwrap();
+    String::from_utf8(out.stdout).unwrap()[..64].to_string()
+}
+
+/// Bytes that differ on every run, so a stale file cannot pass for a fresh one.
+fn noise(len: usize) -> Vec<u8> {
+    let mut x = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+        | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+#[test]
+fn disks_are_read_and_written_and_job_output_arrives_intact() {
+    let s = Scratch::new("disks");
+    let tree = s.path("tree");
+    std::fs::create_dir_all(tree.join("sub")).unwrap();
+    std::fs::write(tree.join("input.dat"), "input deck 42\n").unwrap();
+    let blob = noise(1 << 20);
+    std::fs::write(tree.join("sub/blob"), &blob).unwrap();
+    let data = s.path("data.ext4");
+    mkfs(&tree, &data, "8M");
+    let before = std::fs::read(&data).unwrap();
+    let scratch = s.path("scratch.img");
+    std::fs::write(&scratch, vec![0u8; 4 << 20]).unwrap();
+    let script = "cat /sys/block/vda/serial; echo; \
+        mkdir /m && mount -t ext4 -o ro /dev/vda /m && cat /m/input.dat && sha256sum /m/sub/blob; \
+        if dd if=/dev/zero of=/dev/vda bs=512 count=1 2>/dev/null; then echo ro-write-accepted; \
+        else echo ro-write-refused; fi; \
+        cat /m/sub/blob > /dev/vdb && sync && echo scratch-written; \
+        echo first-err >&2; seq 1 300000; echo last-err >&2";
+    let data_arg = format!("{},readonly=on,serial=deck-7", data.display());
+    let scratch_arg = scratch.display().to_string();
+    let r = run_hpcvm(
+        &[
+            "run",
+            "--memory",
+            "256M",
+            "--disk",
+            &data_arg,
+            "--disk",
+            &scratch_arg,
+            "--",
+            "/bin/sh",
+            "-c",
+            script,
+        ],
+        JOB_TIMEOUT,
+    );
+    assert_eq!(r.code, Some(0), "stderr: {}", r.stderr);
+    let mut lines = r.stdout.lines();
+    assert_eq!(
+        lines.next(),
+        Some("deck-7"),
+        "{}",
+        &r.stdout[..r.stdout.len().min(400)]
+    );
+    assert_eq!(lines.next(), Some("input deck 42"));
+    let sum = lines.next().unwrap_or_default();
+    assert!(sum.starts_with(&sha256(&blob)), "guest sha256 line: {sum}");
+    assert_eq!(lines.next(), Some("ro-write-refused"));
+    assert_eq!(lines.next(), Some("scratch-written"));
+    // Megabytes of stdout, every line in order, nothing of stderr among them.
+    let seq: String = (1..=300_000).map(|i| format!("{i}\n")).collect();
+    let rest: Vec<&str> = lines.collect();
+    assert_eq!(rest.len(), 300_000, "stdout lines after the checks");
+    assert_eq!(
+        sha256((rest.join("\n") + "\n").as_bytes()),
+        sha256(seq.as_bytes())
+    );
+    assert_eq!(r.stderr, "first-err\nlast-err\n");
+    // The read-only disk is untouched; the writable one holds what the guest wrote.
+    assert!(
+        std::fs::read(&data).unwrap() == before,
+        "the read-only disk changed"
+    );
+    let written = std::fs::read(&scratch).unwrap();
+    assert!(
+        written[..blob.len()] == blob[..],
+        "the scratch disk lacks the guest's write"
+    );
+}
+
+#[test]
+fn an_image_is_the_root_of_jobs_in_two_vms_at_once_and_stays_unchanged() {
+    let s = Scratch::new("image");
+    let root = s.path("root");
+    for d in ["bin", "etc"] {
+        std::fs::create_dir_all(root.join(d)).unwrap();
+    }
+    std::fs::copy("/bin/busybox", root.join("bin/busybox")).expect("busybox-static");
+    for t in ["sh", "cat", "echo", "test"] {
+        std::os::unix::fs::symlink("busybox", root.join("bin").join(t)).unwrap();
+    }
+    std::fs::write(root.join("etc/motd"), "from the image\n").unwrap();
+    let image = s.path("image.ext4");
+    mkfs(&root, &image, "16M");
+    let before = std::fs::read(&image).unwrap();
+    let image_arg = image.display().to_string();
+    let job = move |n: u32| {
+        let image_arg = image_arg.clone();
+        std::thread::spawn(move || {
+            let script = format!(
+                "cat /etc/motd; echo vm-{n} > /etc/written && cat /etc/written; \
+                 test -e /init && echo agent-visible || echo image-root"
+            );
+            run_hpcvm(
+                &[
+                    "run", "--memory", "256M", "--image", &image_arg, "--", "sh", "-c", &script,
+                ],
+                JOB_TIMEOUT,
+            )
+        })
+    };
+    let runs = [job(1), job(2)].map(|h| h.join().unwrap());
+    for (i, r) in runs.iter().enumerate() {
+        assert_eq!(r.code, Some(0), "vm {}: {}", i + 1, r.stderr);
+        assert_eq!(
+            r.stdout,
+            format!("from the image\nvm-{}\nimage-root\n", i + 1),
+            "vm {}",
+            i + 1
+        );
+    }
+    assert!(
+        std::fs::read(&image).unwrap() == before,
+        "the image changed"
+    );
+}
+
+#[test]
+fn unusable_disks_and_images_are_refused_before_boot() {
+    let s = Scratch::new("refused");
+    let run = |args: &[&str]| run_hpcvm(args, Duration::from_secs(30));
+    let expect = |args: &[&str], code: i32, needle: &str| {
+        let r = run(args);
+        assert_eq!(r.code, Some(code), "{args:?}: {}", r.stderr);
+        let last = r.stderr.lines().last().unwrap_or_default();
+        assert!(
+            last.starts_with("hpcvm:") && last.contains(needle),
+            "{args:?}: {}",
+            r.stderr
+        );
+    };
+    let missing = s.path("missing.ext4");
+    expect(
+        &["run", "--image", missing.to_str().unwrap(), "--", "true"],
+        DISK,
+        &format!("Cannot open disk {}: No such file", missing.display()),
+    );
+    let zeros = s.path("zeros.img");
+    std::fs::write(&zeros, vec![0u8; 1 << 20]).unwrap();
+    expect(
+        &["run", "--image", zeros.to_str().unwrap(), "--", "true"],
+        DISK,
+        "is not an ext4 filesystem",
+    );
+    let tree = s.path("tree");
+    std::fs::create_dir_all(&tree).unwrap();
+    let cut = s.path("cut.ext4");
+    mkfs(&tree, &cut, "16M");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&cut)
+        .unwrap()
+        .set_len(8 << 20)
+        .unwrap();
+    expect(
+        &["run", "--image", cut.to_str().unwrap(), "--", "true"],
+        DISK,
+        "is truncated: its ext4 filesystem needs 16777216 bytes, the file has 8388608",
+    );
+    // Another writer holds the disk: neither a writer nor a reader may attach it.
+    let held = s.path("held.img");
+    std::fs::write(&held, vec![0u8; 1 << 20]).unwrap();
+    let holder = std::fs::File::open(&held).unwrap();
+    // SAFETY: flock on a file we own.
+    assert_eq!(unsafe { libc::flock(holder.as_raw_fd(), libc::LOCK_EX) }, 0);
+    let kernel = hpcvm_tests::guest("hello").display().to_string();
+    for spec in [
+        held.display().to_string(),
+        format!("{},readonly=on", held.display()),
+    ] {
+        expect(
+            &["run", "--kernel", &kernel, "--disk", &spec],
+            DISK,
+            &format!("Disk {} is in use", held.display()),
+        );
+    }
+    drop(holder);
+    expect(
+        &["run", "--kernel", &kernel, "--disk", "x.img,cache=none"],
+        160,
+        "Invalid --disk 'x.img,cache=none': unknown key 'cache'",
+    );
+    expect(
+        &[
+            "run",
+            "--kernel",
+            &kernel,
+            "--disk",
+            &s.0.display().to_string(),
+        ],
+        DISK,
+        "is not a regular file or block device",
+    );
+}
