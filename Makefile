@@ -4,7 +4,7 @@ RELEASE := target/release
 
 GUEST := target/guest
 
-.PHONY: all deps build guest guest-ib run test lint bench clean
+.PHONY: all deps virtiofsd build guest guest-ib run test lint bench clean
 
 all: build
 
@@ -15,7 +15,15 @@ deps:
 	  dpkg -s busybox-static >/dev/null 2>&1 || \
 	  { apt-get update && apt-get install -y --no-install-recommends build-essential busybox-static e2fsprogs; }
 
-build: deps
+# The Rust virtiofsd (crates.io) serves --share and the job's working directory:
+# Debian 12 has only QEMU's old C one, which needs root. About a minute to build.
+virtiofsd:
+	@command -v virtiofsd >/dev/null || test -x $$HOME/.cargo/bin/virtiofsd || { \
+	  dpkg -s libseccomp-dev libcap-ng-dev pkg-config >/dev/null 2>&1 || \
+	    { apt-get update && apt-get install -y --no-install-recommends libseccomp-dev libcap-ng-dev pkg-config; }; \
+	  $(CARGO) install --locked virtiofsd; }
+
+build: deps virtiofsd
 	$(CARGO) build --release --workspace --bins
 
 # The default job guest in $(GUEST): the stripped kernel (built once, cached under
@@ -44,7 +52,7 @@ lint:
 
 # Lints, then unit tests and real-KVM integration tests (tests reserve hugepages they
 # need and give them back).
-test: deps lint guest
+test: deps virtiofsd lint guest
 	$(CARGO) build --workspace --bins
 	$(CARGO) test --workspace
 

@@ -37,7 +37,7 @@ fn pad_job_frame(argv: &[&str], env: &[(&str, &str)], cwd: &str, tail: usize) ->
             console_stdio: true,
             image: false,
         };
-        job_frame(&job_spec(&job, vmm::host::is_software_kvm())).len()
+        job_frame(&job_spec(&job, &[], vmm::host::is_software_kvm())).len()
     };
     let mut pad = String::from("x");
     while frame_len(&pad) % 256 != tail {

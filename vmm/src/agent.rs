@@ -9,10 +9,12 @@ use std::sync::{Arc, Mutex};
 
 use devices::legacy::Uart;
 use devices::{lock, BusDevice};
-use hpcvm_agent::{frame, kind, Decoder, JobError, JobExit, JobSpec, RootImage, StdioPorts};
+use hpcvm_agent::{
+    frame, kind, Decoder, JobError, JobExit, JobSpec, RootImage, ShareMount, StdioPorts,
+};
 
 use crate::config::disk::IMAGE_SERIAL;
-use crate::config::JobConfig;
+use crate::config::{JobConfig, ShareConfig};
 
 /// The virtio-console port that carries the job's stdout.
 pub const STDOUT_PORT: &str = "hpcvm.stdout";
@@ -23,7 +25,7 @@ use crate::vstate::cpuid;
 /// What the agent is told to run for `job`: its argv, environment and working
 /// directory. On a software-KVM host glibc is kept off the CPU features the guest
 /// kernel cannot save (unless the job sets GLIBC_TUNABLES itself).
-pub fn job_spec(job: &JobConfig, software_kvm: bool) -> JobSpec {
+pub fn job_spec(job: &JobConfig, shares: &[ShareConfig], software_kvm: bool) -> JobSpec {
     let mut env = job.environment();
     if software_kvm && !env.iter().any(|(k, _)| k == "GLIBC_TUNABLES") {
         env.push((
@@ -44,6 +46,14 @@ pub fn job_spec(job: &JobConfig, software_kvm: bool) -> JobSpec {
             fstype: "ext4".into(),
             boot_init: job.argv.is_empty(),
         }),
+        mounts: shares
+            .iter()
+            .map(|s| ShareMount {
+                tag: s.tag.clone(),
+                path: s.guest_dir.clone(),
+                read_only: s.read_only,
+            })
+            .collect(),
     }
 }
 
@@ -237,6 +247,7 @@ mod tests {
             cwd: "/".into(),
             stdio: None,
             root: None,
+            mounts: Vec::new(),
         };
         let link = AgentLink::new(job, false);
         let irq = devices::EventFdTrigger::new(EventFd::new(EFD_NONBLOCK).unwrap());

@@ -44,11 +44,18 @@ pub fn run(config: &VmConfig) -> Result<Outcome, Error> {
 pub fn run_with(config: &VmConfig, extra: Vec<Passthrough>) -> Result<Outcome, Error> {
     // Passthrough devices are checked before anything is created.
     let host_devices = vfio::preflight(&HostPaths::real(), &config.devices, config.memory.size)?;
-    // Disks are opened, locked and checked before anything else is created.
+    // Disks are opened, locked and checked, and virtiofsd started for each share,
+    // before anything else is created.
     let disks = config
         .disks
         .iter()
         .map(virtio::disk::open)
+        .collect::<Result<Vec<_>, _>>()?;
+    let shares = config
+        .shares
+        .iter()
+        .enumerate()
+        .map(|(i, s)| virtio::fs::Fs::start(s, i))
         .collect::<Result<Vec<_>, _>>()?;
     // Before any thread exists, so that SIGTERM/SIGINT only reach the control loop.
     control::signals::block_stop_signals().map_err(io_err("blocking SIGTERM/SIGINT"))?;
@@ -75,16 +82,18 @@ pub fn run_with(config: &VmConfig, extra: Vec<Passthrough>) -> Result<Outcome, E
     irqchip.map_err(|_| io_err("the irqchip thread")(std::io::Error::other("panicked")))??;
     let (mem, image, places) = loaded?;
     vm.register_memory(&mem)?;
-    let agent = config
-        .job
-        .as_ref()
-        .map(|job| AgentLink::new(agent::job_spec(job, software_kvm), config.verbose));
+    let agent = config.job.as_ref().map(|job| {
+        AgentLink::new(
+            agent::job_spec(job, &config.shares, software_kvm),
+            config.verbose,
+        )
+    });
     let show_console = config.verbose || config.job.is_none();
     let mut legacy = LegacyDevices::new(&vm, show_console, agent.clone())?;
     let mut mmio = MmioBus::mmio();
     let mut passthrough = vfio::open(&vm.fd, &host_devices)?;
     passthrough.extend(extra);
-    let virtio = virtio_slots(config, disks)?;
+    let virtio = virtio_slots(config, disks, shares)?;
     let pci = if passthrough.is_empty() && virtio.is_empty() {
         None
     } else {
@@ -204,11 +213,12 @@ struct Buses {
     mmio: Arc<MmioBus>,
 }
 
-/// The virtio devices the guest gets: the disks in order, then (for a job) the
-/// console whose ports carry the job's stdout and stderr.
+/// The virtio devices the guest gets: the disks in order, the shares, then (for a
+/// job) the console whose ports carry the job's stdout and stderr.
 fn virtio_slots(
     config: &VmConfig,
     disks: Vec<devices::virtio::Block>,
+    shares: Vec<virtio::fs::Fs>,
 ) -> Result<Vec<VirtioSlot>, Error> {
     let mut slots: Vec<VirtioSlot> = config
         .disks
@@ -219,6 +229,12 @@ fn virtio_slots(
             device: Box::new(dev),
         })
         .collect();
+    for fs in shares {
+        slots.push(VirtioSlot {
+            name: format!("share {}", fs.dir().display()),
+            device: Box::new(fs),
+        });
+    }
     if config.job.as_ref().is_some_and(|j| j.console_stdio) {
         let dup = |fd: std::os::fd::BorrowedFd<'_>| {
             fd.try_clone_to_owned()
@@ -268,7 +284,7 @@ fn prepare_memory(
     software_kvm: bool,
     pci_intx: &[boot::mptable::PciIntx],
 ) -> Result<(GuestMemoryMmap, BootImage, Vec<VcpuPlace>), Error> {
-    let mem = memory::create_guest_memory(&config.memory)?;
+    let mem = memory::create_guest_memory(&config.memory, !config.shares.is_empty())?;
     if config.memory.prefault {
         let cpus = config.cpus.affinity.as_deref().unwrap_or(allowed);
         memory::prefault::prefault(&mem, config.memory.hugepages.bytes(), cpus)?;

@@ -52,6 +52,9 @@ pub enum Error {
     /// A `--disk` or `--image` cannot be attached.
     #[error(transparent)]
     Disk(#[from] crate::virtio::disk::DiskError),
+    /// A `--share` cannot be attached.
+    #[error(transparent)]
+    Share(#[from] crate::virtio::fs::ShareError),
     /// The PCI bus or a passthrough device could not be set up.
     #[error(transparent)]
     Pci(#[from] PciError),

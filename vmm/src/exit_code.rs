@@ -38,6 +38,8 @@ pub const JOB_LOST: u8 = 170;
 /// A `--disk` or `--image` is missing, unreadable, locked by another writer, not
 /// ext4 (an image) or truncated.
 pub const DISK: u8 = 171;
+/// A `--share` directory is missing, or virtiofsd is missing or did not start.
+pub const SHARE: u8 = 172;
 
 /// Every code with its meaning, as documented in README.md.
 pub const TABLE: &[(u8, &str)] = &[
@@ -140,6 +142,7 @@ pub fn for_error(err: &Error) -> u8 {
         } => CONFIG,
         Error::Passthrough { .. } | Error::Pci(_) => HOST_RESOURCES,
         Error::Disk(_) => DISK,
+        Error::Share(_) => SHARE,
         Error::Io { .. } => INTERNAL,
     }
 }

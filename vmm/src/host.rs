@@ -25,8 +25,13 @@ pub fn kvm_pvm_loaded(sys: &Path) -> bool {
 
 /// An anonymous in-memory file (memfd), closed on exec.
 pub fn memfd(name: &CStr) -> io::Result<File> {
+    memfd_with(name, 0)
+}
+
+/// [`memfd`] with extra `memfd_create` flags (`MFD_HUGETLB | MFD_HUGE_2MB`, ...).
+pub fn memfd_with(name: &CStr, flags: libc::c_uint) -> io::Result<File> {
     // SAFETY: a valid NUL-terminated name; MFD_CLOEXEC keeps it out of children.
-    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | flags) };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }

@@ -11,8 +11,8 @@ use vmm::allocation;
 use vmm::api::{client, Command as ApiCommand};
 use vmm::assets;
 use vmm::config::{
-    ControlConfig, CpusConfig, DiskConfig, JobConfig, KernelConfig, MemoryConfig, VmConfig,
-    DEFAULT_GRACE_PERIOD,
+    ControlConfig, CpusConfig, DiskConfig, JobConfig, KernelConfig, MemoryConfig, ShareConfig,
+    VmConfig, DEFAULT_GRACE_PERIOD,
 };
 use vmm::vfio::host::HostPaths;
 use vmm::vfio::sriov::{bind, check_bound, create, list, render, set_guids, to_json};
@@ -92,6 +92,14 @@ struct RunArgs {
     /// hpcvm inside the image.
     #[arg(long, value_name = "PATH")]
     image: Option<PathBuf>,
+    /// Share a host directory over virtio-fs: HOST_DIR[:GUEST_DIR][,readonly=on]
+    /// (repeatable; GUEST_DIR defaults to the same path). Needs virtiofsd.
+    #[arg(long = "share", value_name = "SPEC")]
+    shares: Vec<String>,
+    /// With `-- CMD`, do not share the current directory (by default it is shared at
+    /// the same path and the job starts there, as `apptainer exec` does).
+    #[arg(long)]
+    no_share_cwd: bool,
     /// Control socket (newline-delimited JSON; see docs/api.md), created 0600.
     #[arg(long, value_name = "PATH")]
     api_socket: Option<PathBuf>,
@@ -104,9 +112,10 @@ struct RunArgs {
     /// Set a variable in the job's environment (repeatable).
     #[arg(long = "env", value_name = "NAME=VALUE")]
     env: Vec<String>,
-    /// The job's working directory in the guest.
-    #[arg(long, value_name = "DIR", default_value = "/")]
-    workdir: String,
+    /// The job's working directory in the guest (default: the shared current
+    /// directory, or / with --no-share-cwd).
+    #[arg(long, value_name = "DIR")]
+    workdir: Option<String>,
     /// Show the guest console (kernel messages) and agent diagnostics.
     #[arg(long, short)]
     verbose: bool,
@@ -252,12 +261,26 @@ fn config_from(args: RunArgs) -> Result<VmConfig, CliError> {
             .iter()
             .map(|f| f.parse())
             .collect::<Result<_, _>>()?;
+        let cwd_share = if args.no_share_cwd {
+            None
+        } else {
+            let dir = std::env::current_dir().map_err(|e| {
+                format!("Cannot share the current directory: {e} (or pass --no-share-cwd)")
+            })?;
+            Some(dir)
+        };
+        let cwd = match (&args.workdir, &cwd_share) {
+            (Some(w), _) => w.clone(),
+            (None, Some(d)) => d.display().to_string(),
+            (None, None) => "/".into(),
+        };
         Some((
             assets.kernel,
+            cwd_share,
             JobConfig {
                 argv: args.command,
                 env,
-                cwd: args.workdir,
+                cwd,
                 files,
                 agent: assets.agent,
                 busybox: assets.busybox,
@@ -266,9 +289,9 @@ fn config_from(args: RunArgs) -> Result<VmConfig, CliError> {
             },
         ))
     };
-    let (kernel_path, job) = match (job, args.kernel) {
-        (Some((k, j)), _) => (k, Some(j)),
-        (None, Some(k)) => (k, None),
+    let (kernel_path, cwd_share, job) = match (job, args.kernel) {
+        (Some((k, c, j)), _) => (k, c, Some(j)),
+        (None, Some(k)) => (k, None, None),
         (None, None) => {
             return Err(
                 "Nothing to boot: give --kernel PATH, or a command after -- \
@@ -326,10 +349,32 @@ fn config_from(args: RunArgs) -> Result<VmConfig, CliError> {
                 .map(|d| d.parse())
                 .chain(args.image.iter().map(|p| Ok(DiskConfig::image(p.clone()))))
                 .collect::<Result<_, _>>()?,
+            shares: shares(&args.shares, cwd_share)?,
             verbose: args.verbose,
         })
     };
     Ok(cfg().map_err(|e| e.to_string())?)
+}
+
+/// The `--share` directories, tagged in order, then the working directory's share.
+fn shares(
+    specs: &[String],
+    cwd: Option<PathBuf>,
+) -> Result<Vec<ShareConfig>, vmm::config::ConfigError> {
+    let mut out = specs
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let mut share: ShareConfig = s.parse()?;
+            share.tag = format!("hpcvm-share{i}");
+            Ok(share)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    // A --share of the working directory itself replaces the default one.
+    if let Some(dir) = cwd.filter(|d| !out.iter().any(|s| s.guest_dir == d.display().to_string())) {
+        out.push(ShareConfig::cwd(dir));
+    }
+    Ok(out)
 }
 
 /// vCPUs and memory from this job's allocation (`--from-allocation`).

@@ -10,6 +10,7 @@ mod testing;
 
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
 
 pub use block::{Block, BlockOptions};
 pub use console::{Console, ConsolePort};
@@ -92,6 +93,18 @@ impl DeviceQueues<'_> {
     }
 }
 
+/// What a device that hands its queues to another process needs at activation.
+pub struct ActivateContext<'a> {
+    /// Guest RAM.
+    pub mem: &'a GuestMemoryMmap,
+    /// The queues as the driver set them up.
+    pub queues: &'a [Queue],
+    /// Each queue's notification eventfd (a KVM ioeventfd).
+    pub kicks: &'a [EventFd],
+    /// Each queue's interrupt eventfd (an MSI-X irqfd).
+    pub calls: Vec<EventFd>,
+}
+
 /// A virtio device model.
 pub trait VirtioDevice: Send {
     /// Virtio device ID (`virtio_ids`).
@@ -104,8 +117,16 @@ pub trait VirtioDevice: Send {
     fn read_config(&self, offset: u64, data: &mut [u8]);
     /// The driver wrote its configuration space (most fields are read-only).
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
-    /// The driver set DRIVER_OK with these features acknowledged.
-    fn activate(&mut self, _features: u64) {}
+    /// The driver set DRIVER_OK with these features acknowledged; Err makes the
+    /// device need a reset (the reason goes to hpcvm's stderr).
+    fn activate(&mut self, _features: u64, _ctx: ActivateContext<'_>) -> Result<(), String> {
+        Ok(())
+    }
+    /// Another process serves the queues (vhost-user): hpcvm's device thread leaves
+    /// the notifications alone.
+    fn serves_own_queues(&self) -> bool {
+        false
+    }
     /// Queue `index` was notified (or the device is being drained at teardown).
     fn process(&mut self, index: usize, queues: &mut DeviceQueues<'_>);
     /// The driver reset the device: forget everything negotiated.

@@ -59,6 +59,21 @@ pub struct JobSpec {
     /// A disk to switch root into before the job starts (`hpcvm run --image`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub root: Option<RootImage>,
+    /// virtio-fs shares to mount (after any root switch), in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mounts: Vec<ShareMount>,
+}
+
+/// A virtio-fs share the agent mounts before the job starts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShareMount {
+    /// The device's tag (`mount -t virtiofs TAG DIR`).
+    pub tag: String,
+    /// Where it goes (created if missing).
+    pub path: String,
+    /// Mount it read-only.
+    #[serde(default)]
+    pub read_only: bool,
 }
 
 /// The virtio-console ports (by name, as the guest sees in

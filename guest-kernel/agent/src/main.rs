@@ -152,11 +152,16 @@ fn serve(mut ch: File, in_vm: bool) -> io::Result<()> {
     let mut dec = Decoder::default();
     let spec = receive_spec(&mut ch, &mut dec)?;
     if let Some(root) = &spec.root {
-        match rootfs::enter_image(root, in_vm) {
-            Ok(()) if root.boot_init => rootfs::hand_over(ch, &spec.env),
-            Ok(()) => {}
-            Err(err) => return report(&mut ch, Err(err)),
+        if let Err(err) = rootfs::enter_image(root, in_vm) {
+            return report(&mut ch, Err(err));
         }
+    }
+    // Shares go into whichever root the job (or the image's init) will see.
+    if let Err(err) = rootfs::mount_shares(&spec.mounts, in_vm) {
+        return report(&mut ch, Err(err));
+    }
+    if spec.root.as_ref().is_some_and(|r| r.boot_init) {
+        rootfs::hand_over(ch, &spec.env);
     }
     let ports = spec
         .stdio

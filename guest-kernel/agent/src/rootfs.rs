@@ -11,7 +11,7 @@ use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use hpcvm_agent::{kind, JobError, RootImage};
+use hpcvm_agent::{kind, JobError, RootImage, ShareMount};
 
 /// Where the kernel lists block devices.
 const SYS_BLOCK: &str = "/sys/block";
@@ -59,6 +59,29 @@ pub fn enter_image(root: &RootImage, in_vm: bool) -> Result<(), JobError> {
     switch_root(root)?;
     if root.boot_init {
         check_init()?;
+    }
+    Ok(())
+}
+
+/// Mounts each virtio-fs share at its path (made if missing).
+pub fn mount_shares(mounts: &[ShareMount], in_vm: bool) -> Result<(), JobError> {
+    if mounts.is_empty() {
+        return Ok(());
+    }
+    if !in_vm {
+        return Err(JobError {
+            error: "shared directories need the guest (not --channel-fd)".into(),
+            status: 126,
+        });
+    }
+    for m in mounts {
+        let fail = |e: String| JobError {
+            error: format!("shared directory {} (tag {:?}): {e}", m.path, m.tag),
+            status: 126,
+        };
+        mkdirs(&[m.path.as_str()]).map_err(fail)?;
+        let flags = if m.read_only { libc::MS_RDONLY } else { 0 };
+        mount(&m.tag, &m.path, Some("virtiofs"), flags, None).map_err(fail)?;
     }
     Ok(())
 }

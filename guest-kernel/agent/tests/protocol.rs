@@ -105,6 +105,7 @@ fn spec(argv: &[&str]) -> JobSpec {
         cwd: "/".into(),
         stdio: None,
         root: None,
+        mounts: Vec::new(),
     }
 }
 

@@ -39,6 +39,7 @@ fn main() -> ExitCode {
         job: None,
         devices: Vec::new(),
         disks: Vec::new(),
+        shares: Vec::new(),
         verbose: false,
     };
     let fake = Arc::new(FakeVfio::new(options).expect("the fake device's memfd"));

@@ -6,6 +6,7 @@ pub mod cpus;
 pub mod device;
 pub mod disk;
 pub mod memory;
+pub mod share;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -14,6 +15,7 @@ pub use cpus::{CpusConfig, Topology};
 pub use device::DeviceConfig;
 pub use disk::DiskConfig;
 pub use memory::{HugePageSize, MemoryConfig};
+pub use share::ShareConfig;
 use thiserror::Error;
 
 /// Kernel command-line items every guest gets before the user's: console on COM1, reset
@@ -42,6 +44,14 @@ pub enum ConfigError {
     /// `--disk` did not parse.
     #[error("Invalid --disk '{value}': {reason}")]
     Disk {
+        /// The option string as given.
+        value: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// `--share` did not parse.
+    #[error("Invalid --share '{value}': {reason}")]
+    Share {
         /// The option string as given.
         value: String,
         /// What is wrong with it.
@@ -169,6 +179,8 @@ pub struct VmConfig {
     /// virtio-blk disks, in the order the guest sees them (`/dev/vda`, ...); an
     /// `--image` disk comes last.
     pub disks: Vec<DiskConfig>,
+    /// Host directories shared over virtio-fs, each with its tag set.
+    pub shares: Vec<ShareConfig>,
     /// Show the guest console (kernel messages) and agent diagnostics.
     pub verbose: bool,
 }

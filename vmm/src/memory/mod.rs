@@ -6,9 +6,11 @@ pub mod prefault;
 
 use std::io;
 
+use std::sync::Arc;
 use thiserror::Error;
+
 use vm_memory::mmap::MmapRegionBuilder;
-use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap};
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
 
 use crate::config::{memory::fmt_size, HugePageSize, MemoryConfig};
 pub use hugepages::HugePagePool;
@@ -68,6 +70,14 @@ pub enum MemoryError {
         /// The madvise error.
         source: io::Error,
     },
+    /// The memfd for shared guest RAM (`--share`) could not be made.
+    #[error("Cannot create {size} of shared guest RAM (memfd, for --share): {source}")]
+    SharedFile {
+        /// Guest RAM size.
+        size: String,
+        /// Why.
+        source: io::Error,
+    },
     /// Populating guest RAM failed.
     #[error("Prefaulting guest RAM failed (chunk at host address {addr:#x}): {source}")]
     Prefault {
@@ -82,14 +92,27 @@ pub enum MemoryError {
 ///
 /// Hugetlb memory is mapped without `MAP_NORESERVE`, so the kernel reserves every page
 /// at mmap time: a pool that runs dry fails here, not with a SIGBUS inside the guest.
-pub fn create_guest_memory(cfg: &MemoryConfig) -> Result<GuestMemoryMmap, MemoryError> {
+pub fn create_guest_memory(
+    cfg: &MemoryConfig,
+    shared: bool,
+) -> Result<GuestMemoryMmap, MemoryError> {
     check_host_ram(cfg.size)?;
     if cfg.hugepages.is_hugetlb() {
         HugePagePool::read(cfg.hugepages)?.check_can_supply(cfg.size)?;
     }
+    let file = if shared {
+        Some(Arc::new(ram_memfd(cfg)?))
+    } else {
+        None
+    };
     let mut regions = Vec::new();
+    let mut offset = 0u64;
     for (start, size) in layout::ram_ranges(cfg.size) {
-        let region = map_region(size, cfg.hugepages)?;
+        let backing = file
+            .as_ref()
+            .map(|f| FileOffset::from_arc(f.clone(), offset));
+        offset += size as u64;
+        let region = map_region(size, cfg.hugepages, backing)?;
         regions.push(
             GuestRegionMmap::new(region, start)
                 .ok_or_else(|| MemoryError::Layout(format!("region at {start:?} overflows")))?,
@@ -98,8 +121,35 @@ pub fn create_guest_memory(cfg: &MemoryConfig) -> Result<GuestMemoryMmap, Memory
     GuestMemoryMmap::from_regions(regions).map_err(|e| MemoryError::Layout(e.to_string()))
 }
 
-fn map_region(size: usize, pages: HugePageSize) -> Result<vm_memory::MmapRegion<()>, MemoryError> {
-    let mut flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS;
+/// A memfd as large as guest RAM (hugetlb-backed for hugepage guests: no hugetlbfs
+/// mount needed), for RAM another process (virtiofsd) must map too.
+fn ram_memfd(cfg: &MemoryConfig) -> Result<std::fs::File, MemoryError> {
+    let flags = match cfg.hugepages {
+        HugePageSize::Size2M => libc::MFD_HUGETLB | libc::MFD_HUGE_2MB,
+        HugePageSize::Size1G => libc::MFD_HUGETLB | libc::MFD_HUGE_1GB,
+        HugePageSize::None | HugePageSize::Thp => 0,
+    };
+    let err = |source| MemoryError::SharedFile {
+        size: fmt_size(cfg.size),
+        source,
+    };
+    let file = crate::host::memfd_with(c"hpcvm-guest-ram", flags).map_err(err)?;
+    file.set_len(cfg.size).map_err(err)?;
+    Ok(file)
+}
+
+fn map_region(
+    size: usize,
+    pages: HugePageSize,
+    file: Option<FileOffset>,
+) -> Result<vm_memory::MmapRegion<()>, MemoryError> {
+    // Shared file-backed RAM when another process maps it too; the reservation
+    // of hugetlb pages still happens here, at mmap time, for both kinds.
+    let mut flags = if file.is_some() {
+        libc::MAP_SHARED
+    } else {
+        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS
+    };
     let backing = match pages {
         HugePageSize::None => {
             flags |= libc::MAP_NORESERVE;
@@ -118,27 +168,29 @@ fn map_region(size: usize, pages: HugePageSize) -> Result<vm_memory::MmapRegion<
             "hugetlb 1G"
         }
     };
-    let region = MmapRegionBuilder::new(size)
+    let mut builder = MmapRegionBuilder::new(size)
         .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
         .with_mmap_flags(flags)
-        .with_hugetlbfs(pages.is_hugetlb())
-        .build()
-        .map_err(|source| {
-            // ENOMEM from a hugetlb mmap means the reservation failed: someone took
-            // pages between our check and the mmap. Report the pool as it is now.
-            if pages.is_hugetlb() {
-                if let Ok(pool) = HugePagePool::read(pages) {
-                    if let Err(e) = pool.check_can_supply(size as u64) {
-                        return e;
-                    }
+        .with_hugetlbfs(pages.is_hugetlb());
+    if let Some(f) = file {
+        builder = builder.with_file_offset(f);
+    }
+    let region = builder.build().map_err(|source| {
+        // ENOMEM from a hugetlb mmap means the reservation failed: someone took
+        // pages between our check and the mmap. Report the pool as it is now.
+        if pages.is_hugetlb() {
+            if let Ok(pool) = HugePagePool::read(pages) {
+                if let Err(e) = pool.check_can_supply(size as u64) {
+                    return e;
                 }
             }
-            MemoryError::Map {
-                size: fmt_size(size as u64),
-                backing,
-                source,
-            }
-        })?;
+        }
+        MemoryError::Map {
+            size: fmt_size(size as u64),
+            backing,
+            source,
+        }
+    })?;
     // Guest RAM stays out of any child this process forks: copy-on-write would move
     // a page the guest (or a VFIO device's DMA, pinned at its old address) still
     // uses. It also keeps guest RAM its own VMA, never merged with a neighbouring
@@ -215,7 +267,7 @@ mod tests {
     #[test]
     fn guest_ram_is_left_out_of_forked_children() {
         let cfg: MemoryConfig = "16M".parse().unwrap();
-        let mem = create_guest_memory(&cfg).unwrap();
+        let mem = create_guest_memory(&cfg, false).unwrap();
         let region = mem.iter().next().unwrap();
         let flags = vm_flags(region.as_ptr() as usize);
         assert!(flags.split_whitespace().any(|f| f == "dc"), "{flags:?}");

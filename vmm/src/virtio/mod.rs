@@ -3,6 +3,7 @@
 //! vCPU threads ([`VirtioThread`]).
 
 pub mod disk;
+pub mod fs;
 pub mod pci;
 
 use std::sync::{Arc, Mutex};

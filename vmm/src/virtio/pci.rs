@@ -165,8 +165,12 @@ impl VirtioPciDevice {
         &self.name
     }
 
-    /// The queues' notification eventfds, for the device thread to wait on.
+    /// The queues' notification eventfds, for the device thread to wait on; none
+    /// when another process (a vhost-user backend) serves the queues.
     pub fn notifiers(&self) -> std::io::Result<Vec<EventFd>> {
+        if self.dev.serves_own_queues() {
+            return Ok(Vec::new());
+        }
         self.notify.iter().map(EventFd::try_clone).collect()
     }
 
@@ -182,7 +186,7 @@ impl VirtioPciDevice {
 
     /// Runs the device model on queue `index`, if the device is active.
     pub fn process(&mut self, index: usize) {
-        if !self.active {
+        if !self.active || self.dev.serves_own_queues() {
             return;
         }
         let mut q = DeviceQueues {
@@ -273,14 +277,42 @@ impl VirtioPciDevice {
                     valid = false;
                 }
             }
-            if valid {
-                self.active = true;
-                self.dev.activate(self.driver_features);
+            let started = if valid {
+                self.start_device()
             } else {
-                new |= VIRTIO_CONFIG_S_NEEDS_RESET as u8;
+                Err("a queue lies outside guest RAM".to_string())
+            };
+            match started {
+                Ok(()) => self.active = true,
+                Err(e) => {
+                    eprintln!("hpcvm: {}: cannot start: {e}", self.name);
+                    new |= VIRTIO_CONFIG_S_NEEDS_RESET as u8;
+                }
             }
         }
         self.status = new;
+    }
+
+    /// Activates the device model with the queues and the eventfds each queue
+    /// notifies and interrupts through.
+    fn start_device(&mut self) -> Result<(), String> {
+        let vectors = lock(&self.irq.queue_vector).clone();
+        let calls = vectors
+            .iter()
+            .map(|&v| match self.vectors.get(usize::from(v)) {
+                Some(vec) => vec.evt.try_clone(),
+                // No vector: interrupts go nowhere.
+                None => EventFd::new(EFD_NONBLOCK),
+            })
+            .collect::<std::io::Result<Vec<_>>>()
+            .map_err(|e| format!("interrupt eventfds: {e}"))?;
+        let ctx = devices::virtio::ActivateContext {
+            mem: &self.mem,
+            queues: &self.queues,
+            kicks: &self.notify,
+            calls,
+        };
+        self.dev.activate(self.driver_features, ctx)
     }
 
     fn selected(&mut self) -> Option<&mut Queue> {

@@ -1,0 +1,311 @@
+//! `--share`: virtio-fs through vhost-user, served by the Rust `virtiofsd`. hpcvm
+//! starts one virtiofsd per share on a listening socket it made itself (an abstract
+//! Unix socket: no file to leave behind), connects to it before the guest starts,
+//! and at DRIVER_OK hands it guest RAM (a shared memfd) and the queues, whose
+//! notifications (ioeventfds) and interrupts (irqfds) then go between KVM and
+//! virtiofsd without hpcvm. virtiofsd dies with hpcvm (PR_SET_PDEATHSIG), whatever
+//! ends it, and is killed and reaped when the VM is torn down.
+
+use std::os::fd::AsRawFd;
+use std::os::linux::net::SocketAddrExt;
+use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use devices::virtio::{read_config_bytes, ActivateContext, DeviceQueues, VirtioDevice};
+use thiserror::Error;
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use virtio_queue::QueueT;
+use vm_memory::{GuestAddress, GuestMemoryBackend};
+
+use crate::config::ShareConfig;
+
+/// virtio-fs device type.
+const VIRTIO_ID_FS: u32 = 26;
+/// Queue entries (the high-priority queue and one request queue).
+const QUEUE_SIZE: u16 = 256;
+/// Bytes of the tag field in the config space.
+const TAG_LEN: usize = 36;
+/// vhost-user's own feature bit: protocol features are negotiated.
+const F_PROTOCOL_FEATURES: u64 = 1 << 30;
+
+/// Why a share cannot be attached.
+#[derive(Debug, Error)]
+pub enum ShareError {
+    /// The host directory is not there.
+    #[error("Cannot share {dir}: {reason}")]
+    Dir {
+        /// The directory.
+        dir: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// No virtiofsd binary.
+    #[error("--share needs virtiofsd, which is not installed: install it with `cargo install virtiofsd` (or `make deps`), or set HPCVM_VIRTIOFSD to its path{hint}")]
+    NoVirtiofsd {
+        /// What else to try.
+        hint: &'static str,
+    },
+    /// virtiofsd could not be started or did not answer.
+    #[error("Cannot start virtiofsd for {dir}: {reason}")]
+    Start {
+        /// The directory.
+        dir: PathBuf,
+        /// What failed.
+        reason: String,
+    },
+}
+
+/// Where virtiofsd is: `$HPCVM_VIRTIOFSD`, else on PATH, else cargo's bin folder.
+pub fn find_virtiofsd() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("HPCVM_VIRTIOFSD") {
+        return Some(PathBuf::from(p));
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let home = std::env::var_os("HOME").map(|h| Path::new(&h).join(".cargo/bin"));
+    std::env::split_paths(&path)
+        .chain(home)
+        .chain([
+            PathBuf::from("/usr/libexec"),
+            PathBuf::from("/usr/lib/qemu"),
+        ])
+        .map(|d| d.join("virtiofsd"))
+        .find(|p| p.is_file())
+}
+
+/// A running virtiofsd and the vhost-user connection to it.
+struct Backend {
+    child: Child,
+    frontend: Frontend,
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One virtio-fs device.
+pub struct Fs {
+    dir: PathBuf,
+    config: Vec<u8>,
+    backend: Backend,
+    backend_features: u64,
+}
+
+impl Fs {
+    /// Starts virtiofsd for `share` and connects to it.
+    pub fn start(share: &ShareConfig, index: usize) -> Result<Self, ShareError> {
+        let dir = share.host_dir.clone();
+        match std::fs::metadata(&dir) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => {
+                return Err(ShareError::Dir {
+                    dir,
+                    reason: "not a directory".into(),
+                })
+            }
+            Err(e) => {
+                return Err(ShareError::Dir {
+                    dir,
+                    reason: e.to_string(),
+                })
+            }
+        }
+        let bin = find_virtiofsd().ok_or(ShareError::NoVirtiofsd {
+            hint: " (or run with --no-share-cwd when only the working directory is shared)",
+        })?;
+        let start = |reason: String| ShareError::Start {
+            dir: dir.clone(),
+            reason,
+        };
+        let name = format!("hpcvm-{}-fs{index}", std::process::id());
+        let addr = SocketAddr::from_abstract_name(name.as_bytes())
+            .map_err(|e| start(format!("socket address: {e}")))?;
+        let listener =
+            UnixListener::bind_addr(&addr).map_err(|e| start(format!("listening socket: {e}")))?;
+        let fd = listener.as_raw_fd();
+        let mut cmd = Command::new(&bin);
+        cmd.arg(format!("--fd={fd}"))
+            .arg("--shared-dir")
+            .arg(&dir)
+            .args(["--cache", "auto", "--log-level", "error"])
+            // Root can sandbox virtiofsd in namespaces; a user's virtiofsd runs with
+            // the user's own rights, which is all it can give the guest anyway.
+            .args(["--sandbox", if is_root() { "namespace" } else { "none" }])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null());
+        if share.read_only {
+            cmd.arg("--readonly");
+        }
+        // SAFETY: between fork and exec the child only makes async-signal-safe calls.
+        unsafe {
+            cmd.pre_exec(move || {
+                // Die with hpcvm, however it ends; no terminal signals of its own.
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                libc::setpgid(0, 0);
+                let mut empty: libc::sigset_t = std::mem::zeroed();
+                libc::sigemptyset(&mut empty);
+                libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+                // The listening socket is inherited (hpcvm's fds are close-on-exec).
+                if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd
+            .spawn()
+            .map_err(|e| start(format!("{}: {e}", bin.display())))?;
+        let mut backend_guard = ChildGuard(Some(child));
+        // The connection waits in the backlog until virtiofsd accepts it.
+        let stream = UnixStream::connect_addr(&addr).map_err(|e| start(format!("connect: {e}")))?;
+        drop(listener);
+        let frontend = Frontend::from_stream(stream, 2);
+        frontend
+            .set_owner()
+            .map_err(|e| start(format!("vhost-user SET_OWNER: {e} (did virtiofsd start?)")))?;
+        let backend_features = frontend
+            .get_features()
+            .map_err(|e| start(format!("vhost-user GET_FEATURES: {e}")))?;
+        let mut config = vec![0u8; TAG_LEN + 4];
+        let tag = share.tag.as_bytes();
+        config[..tag.len().min(TAG_LEN)].copy_from_slice(&tag[..tag.len().min(TAG_LEN)]);
+        config[TAG_LEN..].copy_from_slice(&1u32.to_le_bytes());
+        Ok(Self {
+            dir,
+            config,
+            backend: Backend {
+                child: backend_guard.0.take().expect("child still guarded"),
+                frontend,
+            },
+            backend_features,
+        })
+    }
+
+    /// The shared host directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// virtiofsd's exit status, if it has exited.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.backend.child.try_wait().ok().flatten()
+    }
+
+    fn setup(&mut self, features: u64, ctx: &ActivateContext<'_>) -> vhost::Result<()> {
+        let f = &mut self.backend.frontend;
+        let mut acked = features & self.backend_features;
+        if self.backend_features & F_PROTOCOL_FEATURES != 0 {
+            acked |= F_PROTOCOL_FEATURES;
+        }
+        f.set_features(acked)?;
+        if acked & F_PROTOCOL_FEATURES != 0 {
+            let offered = f.get_protocol_features()?;
+            f.set_protocol_features(offered & VhostUserProtocolFeatures::MQ)?;
+        }
+        let regions = ctx
+            .mem
+            .iter()
+            .map(VhostUserMemoryRegionInfo::from_guest_region)
+            .collect::<vhost::Result<Vec<_>>>()?;
+        f.set_mem_table(&regions)?;
+        let host = |gpa: u64| {
+            ctx.mem
+                .get_host_address(GuestAddress(gpa))
+                .map(|p| p as u64)
+                .map_err(|_| vhost::Error::InvalidGuestMemory)
+        };
+        for (i, q) in ctx.queues.iter().enumerate() {
+            if !q.ready() {
+                continue;
+            }
+            f.set_vring_num(i, q.size())?;
+            let cfg = VringConfigData {
+                queue_max_size: q.max_size(),
+                queue_size: q.size(),
+                flags: 0,
+                desc_table_addr: host(q.desc_table())?,
+                used_ring_addr: host(q.used_ring())?,
+                avail_ring_addr: host(q.avail_ring())?,
+                log_addr: None,
+            };
+            f.set_vring_addr(i, &cfg)?;
+            f.set_vring_base(i, 0)?;
+            f.set_vring_call(i, &ctx.calls[i])?;
+            f.set_vring_kick(i, &ctx.kicks[i])?;
+            if acked & F_PROTOCOL_FEATURES != 0 {
+                f.set_vring_enable(i, true)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Kills a started virtiofsd if setting up the connection fails.
+struct ChildGuard(Option<Child>);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+impl VirtioDevice for Fs {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_FS
+    }
+
+    fn queue_max_sizes(&self) -> Vec<u16> {
+        vec![QUEUE_SIZE; 2]
+    }
+
+    fn features(&self) -> u64 {
+        // What virtiofsd offers of what the transport can carry.
+        self.backend_features & !F_PROTOCOL_FEATURES & devices::virtio::COMMON_FEATURES
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config, offset, data);
+    }
+
+    fn activate(&mut self, features: u64, ctx: ActivateContext<'_>) -> Result<(), String> {
+        self.setup(features, &ctx).map_err(|e| {
+            let status = self
+                .exited()
+                .map(|s| format!(" (virtiofsd exited: {s})"))
+                .unwrap_or_default();
+            format!(
+                "vhost-user setup with virtiofsd for {}: {e}{status}",
+                self.dir.display()
+            )
+        })
+    }
+
+    fn serves_own_queues(&self) -> bool {
+        true
+    }
+
+    fn process(&mut self, _index: usize, _queues: &mut DeviceQueues<'_>) {}
+
+    fn reset(&mut self) {
+        let f = &mut self.backend.frontend;
+        for i in 0..2 {
+            let _ = f.get_vring_base(i);
+        }
+    }
+}
