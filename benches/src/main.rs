@@ -4,10 +4,12 @@
 //! Environment: `HPCVM_BENCH_RUNS` (start-up runs, default 30), `HPCVM_BENCH_RTT`
 //! (control requests, default 1000), `HPCVM_BENCH_PREFAULT_GIB` (default "1,4,8"),
 //! `HPCVM_BENCH_DESTROY_GIB` (default "1,4,8"), `HPCVM_BENCH_REPS` (default 3),
-//! `HPCVM_BENCH_ONLY` (comma-separated: startup, control, prefault, destroy, boot,
-//! compute; default all).
+//! `HPCVM_BENCH_IO_MIB` (data path transfer size, default 16), `HPCVM_BENCH_ONLY`
+//! (comma-separated: startup, control, prefault, destroy, boot, compute, datapath;
+//! default all).
 
 mod control;
+mod datapath;
 mod guest;
 mod memory;
 mod plot;
@@ -85,6 +87,10 @@ fn main() {
         ),
         ("boot", Box::new(|| guest::boot(&hpcvm, reps))),
         ("compute", Box::new(|| guest::compute(&hpcvm, reps))),
+        (
+            "datapath",
+            Box::new(|| datapath::run(&hpcvm, env_num("HPCVM_BENCH_IO_MIB", 16), reps)),
+        ),
     ];
     let only = std::env::var("HPCVM_BENCH_ONLY").ok();
     for (name, section) in sections {

@@ -276,3 +276,202 @@ fn unusable_disks_and_images_are_refused_before_boot() {
         "is not a regular file or block device",
     );
 }
+
+/// virtiofsd processes serving `dir`.
+fn virtiofsds_for(dir: &Path) -> Vec<u32> {
+    let needle = dir.display().to_string();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            // A zombie waiting for init to reap it holds nothing.
+            cmd.contains("virtiofsd") && cmd.contains(&needle) && !state.contains(") Z ")
+        })
+        .collect()
+}
+
+/// Waits up to 5 s for every virtiofsd of `dir` to be gone.
+fn assert_no_virtiofsd(dir: &Path) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !virtiofsds_for(dir).is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "virtiofsd still serving {}: {:?}",
+            dir.display(),
+            virtiofsds_for(dir)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn the_working_directory_is_shared_and_results_land_there() {
+    let s = Scratch::new("cwd");
+    let work = s.path("job");
+    let inputs = s.path("inputs");
+    std::fs::create_dir_all(&work).unwrap();
+    std::fs::create_dir_all(&inputs).unwrap();
+    std::fs::write(work.join("input.txt"), "host input\n").unwrap();
+    let blob = noise(3 << 20);
+    std::fs::write(inputs.join("blob"), &blob).unwrap();
+    let script = "pwd; cat input.txt; cat /inputs/blob > result.bin && echo copied; \
+        if echo x > /inputs/new 2>/dev/null; then echo ro-write-accepted; else echo ro-write-refused; fi";
+    let shell = format!(
+        "cd '{}' && exec '{}' run --memory 256M --share '{}:/inputs,readonly=on' -- /bin/sh -c '{script}'",
+        work.display(),
+        hpcvm_tests::proc::hpcvm_bin().display(),
+        inputs.display()
+    );
+    let r = hpcvm_tests::proc::run_program(Path::new("/bin/sh"), &["-c", &shell], JOB_TIMEOUT);
+    assert_eq!(r.code, Some(0), "stderr: {}", r.stderr);
+    assert_eq!(
+        r.stdout,
+        format!("{}\nhost input\ncopied\nro-write-refused\n", work.display())
+    );
+    let result = work.join("result.bin");
+    let got = std::fs::read(&result).unwrap();
+    assert_eq!(sha256(&got), sha256(&blob), "result.bin differs");
+    use std::os::unix::fs::MetadataExt;
+    // SAFETY: getuid cannot fail.
+    let me = unsafe { libc::getuid() };
+    assert_eq!(std::fs::metadata(&result).unwrap().uid(), me, "owner");
+    assert!(!inputs.join("new").exists());
+    assert_no_virtiofsd(&work);
+    assert_no_virtiofsd(&inputs);
+}
+
+#[test]
+fn sigkill_and_destroy_during_file_io_leave_no_virtiofsd() {
+    let s = Scratch::new("kill");
+    let dir = s.path("share");
+    std::fs::create_dir_all(&dir).unwrap();
+    let sock = s.path("api.sock");
+    let share = format!("{}:/out", dir.display());
+    let job = "while true; do seq 1 20000 > /out/spin.txt; echo wrote; done";
+    let start = |api: bool| {
+        let mut args = vec![
+            "run",
+            "--memory",
+            "256M",
+            "--no-share-cwd",
+            "--share",
+            &share,
+        ];
+        if api {
+            args.extend(["--api-socket", sock.to_str().unwrap()]);
+        }
+        args.extend(["--", "/bin/sh", "-c", job]);
+        hpcvm_tests::proc::RunningVm::start(&args)
+    };
+    // SIGKILL: the kernel ends virtiofsd with hpcvm (PR_SET_PDEATHSIG).
+    let mut vm = start(false);
+    vm.wait_for_line("wrote", JOB_TIMEOUT);
+    // (As root it runs sandboxed: a parent and the sandboxed child that serves.)
+    assert!(
+        !virtiofsds_for(&dir).is_empty(),
+        "no virtiofsd serves the share"
+    );
+    vm.kill();
+    assert_no_virtiofsd(&dir);
+    // destroy through the API: exit 169, no virtiofsd, no socket file.
+    let mut vm = start(true);
+    vm.wait_for_line("wrote", JOB_TIMEOUT);
+    let r = hpcvm_tests::proc::ctl(&sock, &["destroy"]);
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    let status = vm.child.wait().unwrap();
+    assert_eq!(status.code(), Some(169));
+    assert_no_virtiofsd(&dir);
+    assert!(!sock.exists(), "the API socket was left behind");
+}
+
+#[test]
+fn a_missing_share_or_virtiofsd_is_refused_before_boot() {
+    let s = Scratch::new("noshare");
+    let gone = s.path("gone");
+    let r = run_hpcvm(
+        &[
+            "run",
+            "--no-share-cwd",
+            "--share",
+            gone.to_str().unwrap(),
+            "--",
+            "true",
+        ],
+        Duration::from_secs(30),
+    );
+    assert_eq!(r.code, Some(172), "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains(&format!("Cannot share {}: No such file", gone.display())),
+        "{}",
+        r.stderr
+    );
+    // `hpcvm run --share DIR -- true` under `env ENV...`.
+    let share_under = |env: &[&str]| {
+        let bin = hpcvm_tests::proc::hpcvm_bin();
+        let mut args = env.to_vec();
+        args.extend([
+            bin.to_str().unwrap(),
+            "run",
+            "--share",
+            s.0.to_str().unwrap(),
+        ]);
+        args.extend(["--", "true"]);
+        hpcvm_tests::proc::run_program(Path::new("/usr/bin/env"), &args, Duration::from_secs(30))
+    };
+    let r = share_under(&["HPCVM_VIRTIOFSD=/nonexistent/virtiofsd"]);
+    assert_eq!(r.code, Some(172), "{}", r.stderr);
+    assert!(r.stderr.contains("Cannot start virtiofsd"), "{}", r.stderr);
+    if Path::new("/usr/libexec/virtiofsd").exists() {
+        return;
+    }
+    let r = share_under(&[
+        "-u",
+        "HPCVM_VIRTIOFSD",
+        "PATH=/nonexistent",
+        "HOME=/nonexistent",
+    ]);
+    assert_eq!(r.code, Some(172), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("--share needs virtiofsd, which is not installed: install it with `cargo install virtiofsd`"),
+        "{}",
+        r.stderr
+    );
+}
+
+#[test]
+fn an_image_without_a_command_boots_its_own_init() {
+    let s = Scratch::new("init");
+    let root = s.path("root");
+    for d in ["bin", "sbin"] {
+        std::fs::create_dir_all(root.join(d)).unwrap();
+    }
+    std::fs::copy("/bin/busybox", root.join("bin/busybox")).expect("busybox-static");
+    std::os::unix::fs::symlink("busybox", root.join("bin/sh")).unwrap();
+    let init = root.join("sbin/init");
+    std::fs::write(
+        &init,
+        "#!/bin/sh\n/bin/busybox echo \"image init is PID $$\"\n/bin/busybox reboot -f\n",
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&init, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let image = s.path("init.ext4");
+    mkfs(&root, &image, "8M");
+    let r = run_hpcvm(
+        &[
+            "run",
+            "--memory",
+            "256M",
+            "--no-share-cwd",
+            "--image",
+            image.to_str().unwrap(),
+        ],
+        JOB_TIMEOUT,
+    );
+    assert_eq!(r.code, Some(0), "stderr: {}", r.stderr);
+    assert!(r.stdout.contains("image init is PID 1"), "{}", r.stdout);
+}

@@ -88,7 +88,9 @@ pub fn run_with(config: &VmConfig, extra: Vec<Passthrough>) -> Result<Outcome, E
             config.verbose,
         )
     });
-    let show_console = config.verbose || config.job.is_none();
+    // A guest that is not running a job (a plain kernel, or an image's own init)
+    // talks on its console.
+    let show_console = config.verbose || config.job.as_ref().is_none_or(|j| j.argv.is_empty());
     let mut legacy = LegacyDevices::new(&vm, show_console, agent.clone())?;
     let mut mmio = MmioBus::mmio();
     let mut passthrough = vfio::open(&vm.fd, &host_devices)?;

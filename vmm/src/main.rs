@@ -526,7 +526,8 @@ fn doctor(args: DoctorArgs) -> u8 {
         devices: args.devices,
         memory: args.memory,
     };
-    let checks = vfio::doctor::checks(&HostPaths::real(), &request);
+    let mut checks = vfio::doctor::checks(&HostPaths::real(), &request);
+    checks.push(vfio::doctor::virtiofsd(vmm::virtio::fs::find_virtiofsd()));
     print!("{}", vfio::doctor::render(&checks));
     vfio::doctor::exit_status(&checks)
 }

@@ -268,7 +268,7 @@ mod tests {
     #[test]
     fn reads_and_writes_go_through_iovecs_at_the_offset() {
         let m = mem();
-        let f = tempfile();
+        let f = crate::virtio::testing::scratch_file();
         let segs = [
             Segment {
                 addr: GuestAddress(0x1000),
@@ -313,18 +313,5 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
-    }
-
-    fn tempfile() -> std::fs::File {
-        let path = std::env::temp_dir().join(format!("hpcvm-desc-{}", std::process::id()));
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
-            .unwrap();
-        std::fs::remove_file(&path).unwrap();
-        f
     }
 }

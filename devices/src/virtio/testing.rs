@@ -106,3 +106,19 @@ pub fn process(
     dev.process(index, &mut dq);
     irqs.0.into_inner().unwrap()
 }
+
+/// An unlinked scratch file (gone when closed), unique within this test binary.
+pub fn scratch_file() -> std::fs::File {
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = std::env::temp_dir().join(format!("hpcvm-devtest-{}-{n}", std::process::id()));
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)
+        .unwrap();
+    std::fs::remove_file(&path).unwrap();
+    f
+}

@@ -24,6 +24,8 @@ use hpcvm_agent::{frame, kind, Decoder, JobError, JobExit, JobSpec};
 
 /// The guest's second serial port, the host channel.
 const CHANNEL_TTY: &str = "/dev/ttyS1";
+/// How long the final sync may take before the VM resets anyway.
+const SYNC_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long to keep draining output after the job exited while something else (a
 /// background child) still holds its pipes open.
 const DRAIN_AFTER_EXIT: Duration = Duration::from_millis(200);
@@ -501,15 +503,42 @@ fn sigchld_fd() -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// `syncfs` on every mounted filesystem that lives on a block device (`/dev/...`).
+fn sync_disks() {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    for line in mounts.lines() {
+        let mut f = line.split_whitespace();
+        let (Some(src), Some(target)) = (f.next(), f.next()) else {
+            continue;
+        };
+        if !src.starts_with("/dev/") {
+            continue;
+        }
+        // Mount points with spaces come octal-escaped; such a disk is skipped.
+        if let Ok(dir) = File::open(target) {
+            // SAFETY: syncfs on a descriptor we own.
+            unsafe { libc::syncfs(dir.as_raw_fd()) };
+        }
+    }
+}
+
 /// Kills what is left, writes back file data and resets the VM (the host sees the
 /// i8042 reset: `reboot=k`).
 fn power_off() -> ! {
-    // SAFETY: plain syscalls; as PID 1, kill(-1) spares us.
-    unsafe {
-        libc::kill(-1, libc::SIGKILL);
-        libc::sync();
-        libc::reboot(libc::RB_AUTOBOOT);
+    // SAFETY: as PID 1, kill(-1) spares us.
+    unsafe { libc::kill(-1, libc::SIGKILL) };
+    // Only disks need writing back: virtio-fs writes went to the host already, and a
+    // share whose virtiofsd is gone would never answer a sync. The VM ends anyway.
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let synced = std::thread::Builder::new().spawn(move || {
+        sync_disks();
+        let _ = done_tx.send(());
+    });
+    if synced.is_ok() {
+        let _ = done_rx.recv_timeout(SYNC_TIMEOUT);
     }
+    // SAFETY: reboot(2) with a valid command.
+    unsafe { libc::reboot(libc::RB_AUTOBOOT) };
     // reboot only returns on failure; PID 1 must never exit.
     loop {
         std::thread::sleep(Duration::from_secs(3600));

@@ -66,6 +66,27 @@ impl Check {
     }
 }
 
+/// Whether `hpcvm run` can share directories (`--share`, the job's working
+/// directory): virtiofsd at `found`, or a warning with how to install it.
+pub fn virtiofsd(found: Option<std::path::PathBuf>) -> Check {
+    match found {
+        Some(p) => Check::ok(
+            "virtiofsd",
+            format!("{} (for --share and the job's cwd)", p.display()),
+        ),
+        None => Check::new(
+            Status::Warn,
+            "virtiofsd",
+            "not installed: jobs cannot share directories (--share, the working directory)",
+            Some(
+                "apt-get install libseccomp-dev libcap-ng-dev && cargo install virtiofsd \
+                 (or make deps), or run jobs with --no-share-cwd"
+                    .into(),
+            ),
+        ),
+    }
+}
+
 /// Runs every check for `request` on the host at `paths`.
 pub fn checks(paths: &HostPaths, request: &Request) -> Vec<Check> {
     checks_with(paths, request, Memlock::read(paths))

@@ -59,7 +59,9 @@ pub enum ShareError {
     },
 }
 
-/// Where virtiofsd is: `$HPCVM_VIRTIOFSD`, else on PATH, else cargo's bin folder.
+/// Where virtiofsd is: `$HPCVM_VIRTIOFSD`, else on PATH, else cargo's bin folder,
+/// else /usr/libexec (where distributions put the Rust one). QEMU's old C virtiofsd
+/// (/usr/lib/qemu) is not used: it takes other options and needs root.
 pub fn find_virtiofsd() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("HPCVM_VIRTIOFSD") {
         return Some(PathBuf::from(p));
@@ -78,12 +80,20 @@ pub fn find_virtiofsd() -> Option<PathBuf> {
 
 /// A running virtiofsd and the vhost-user connection to it.
 struct Backend {
+    dir: PathBuf,
     child: Child,
     frontend: Frontend,
 }
 
 impl Drop for Backend {
     fn drop(&mut self) {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            eprintln!(
+                "hpcvm: warning: virtiofsd for {} exited during the run ({status}); the guest's \
+                 I/O to that directory failed from then on",
+                self.dir.display()
+            );
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -150,9 +160,17 @@ impl Fs {
                     return Err(std::io::Error::last_os_error());
                 }
                 libc::setpgid(0, 0);
-                let mut empty: libc::sigset_t = std::mem::zeroed();
-                libc::sigemptyset(&mut empty);
-                libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+                // Stop signals are hpcvm's to handle (a batch system sends SIGTERM to
+                // every process of the job, and virtiofsd exits on it): the guest's
+                // files must stay served until the guest is gone. They stay blocked
+                // across exec (virtiofsd installs handlers but keeps the mask);
+                // SIGKILL, hpcvm's death or the end of the connection still end it.
+                let mut held: libc::sigset_t = std::mem::zeroed();
+                libc::sigemptyset(&mut held);
+                for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+                    libc::sigaddset(&mut held, sig);
+                }
+                libc::sigprocmask(libc::SIG_SETMASK, &held, std::ptr::null_mut());
                 // The listening socket is inherited (hpcvm's fds are close-on-exec).
                 if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
                     return Err(std::io::Error::last_os_error());
@@ -179,9 +197,10 @@ impl Fs {
         config[..tag.len().min(TAG_LEN)].copy_from_slice(&tag[..tag.len().min(TAG_LEN)]);
         config[TAG_LEN..].copy_from_slice(&1u32.to_le_bytes());
         Ok(Self {
-            dir,
+            dir: dir.clone(),
             config,
             backend: Backend {
+                dir,
                 child: backend_guard.0.take().expect("child still guarded"),
                 frontend,
             },

@@ -3,20 +3,10 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use vm_memory::{Bytes, GuestAddress};
 
 use super::*;
-use crate::virtio::testing::{mem, process, push, queues, used, DATA};
+use crate::virtio::testing::{mem, process, push, queues, scratch_file, used, DATA};
 
 fn disk(contents: &[u8], read_only: bool) -> (Block, File) {
-    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let path = std::env::temp_dir().join(format!("hpcvm-blk-{}-{n}", std::process::id()));
-    let mut f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&path)
-        .unwrap();
-    std::fs::remove_file(&path).unwrap();
+    let mut f = scratch_file();
     f.write_all(contents).unwrap();
     let opts = BlockOptions {
         read_only,
