@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use hpcvm_tests::hugepages;
 use hpcvm_tests::proc::run_hpcvm;
 
 /// Boot, job and exit together; generous for software KVM, where a boot takes 20-60 s.
@@ -351,11 +352,15 @@ fn sigkill_and_destroy_during_file_io_leave_no_virtiofsd() {
     let sock = s.path("api.sock");
     let share = format!("{}:/out", dir.display());
     let job = "while true; do seq 1 20000 > /out/spin.txt; echo wrote; done";
+    // Guest RAM on 2M hugepages (a shared hugetlb memfd, since a share is given):
+    // every page must be back in the pool after each end.
+    let _pool = hugepages::Reservation::take(130);
+    let free_before = hugepages::free_2m();
     let start = |api: bool| {
         let mut args = vec![
             "run",
             "--memory",
-            "256M",
+            "256M,hugepages=2M",
             "--no-share-cwd",
             "--share",
             &share,
@@ -376,6 +381,7 @@ fn sigkill_and_destroy_during_file_io_leave_no_virtiofsd() {
     );
     vm.kill();
     assert_no_virtiofsd(&dir);
+    assert_eq!(hugepages::free_2m(), free_before, "hugepages after SIGKILL");
     // destroy through the API: exit 169, no virtiofsd, no socket file.
     let mut vm = start(true);
     vm.wait_for_line("wrote", JOB_TIMEOUT);
@@ -385,6 +391,7 @@ fn sigkill_and_destroy_during_file_io_leave_no_virtiofsd() {
     assert_eq!(status.code(), Some(169));
     assert_no_virtiofsd(&dir);
     assert!(!sock.exists(), "the API socket was left behind");
+    assert_eq!(hugepages::free_2m(), free_before, "hugepages after destroy");
 }
 
 #[test]
