@@ -11,6 +11,144 @@ use std::time::Instant;
 
 use crate::stats::{stats, Table};
 
+/// The transfers, each timed by /proc/uptime; `log` redirects the timing lines, `out`
+/// is where the stdout transfer writes (empty: the job's stdout).
+fn dd_script(m: &str, log: &str, out: &str) -> String {
+    let dd = |name: &str, args: String| {
+        format!("a=$(t); dd {args} 2>/dev/null; echo T {name} $a $(t){log}; ")
+    };
+    [
+        "t() { cut -d' ' -f1 /proc/uptime; }; ".to_string(),
+        dd(
+            "floor",
+            format!("if=/dev/zero of=/dev/null bs=1M count={m}"),
+        ),
+        dd(
+            "disk-read",
+            format!("if=/dev/vda of=/dev/null bs=1M count={m}"),
+        ),
+        dd(
+            "disk-write",
+            format!("if=/dev/zero of=/dev/vda bs=1M count={m} seek={m} conv=fsync"),
+        ),
+        dd(
+            "share-read",
+            "if=/share/in.bin of=/dev/null bs=1M".to_string(),
+        ),
+        dd(
+            "share-write",
+            format!("if=/dev/zero of=/share/out.bin bs=1M count={m} conv=fsync"),
+        ),
+        dd("stdout", format!("if=/dev/zero{out} bs=1M count={m}")),
+    ]
+    .concat()
+}
+
+/// The same transfers under QEMU microvm, on the same kernel: virtio-mmio blk, the
+/// same virtiofsd through vhost-user-fs, a virtio-serial port for stdout.
+fn qemu_run(hpcvm: &Path, dir: &Path, mib: usize) -> Result<Vec<(String, f64)>, String> {
+    let guest = crate::guest::guest_dir(hpcvm).ok_or("no default guest (make guest)")?;
+    let virtiofsd = vmm::virtio::fs::find_virtiofsd().ok_or("no virtiofsd")?;
+    let m = mib.to_string();
+    let init = format!(
+        "#!/bin/busybox sh\n/bin/busybox --install -s /bin\n\
+         mount -t proc proc /proc; mount -t sysfs sysfs /sys; mount -t devtmpfs dev /dev\n\
+         mkdir -p /share; mount -t virtiofs share /share\n\
+         port=$(for p in /sys/class/virtio-ports/*; do [ \"$(cat $p/name)\" = out ] && basename $p; done)\n\
+         {}\necho QEMU-DONE\nreboot -f\n",
+        dd_script(&m, "", " of=/dev/$port")
+    );
+    let mut c = vmm::boot::initramfs::Cpio::new(Vec::new());
+    for d in ["bin", "dev", "proc", "sys"] {
+        c.dir(d, 0o755).map_err(|e| e.to_string())?;
+    }
+    c.chardev("dev/console", 0o600, 5, 1)
+        .map_err(|e| e.to_string())?;
+    let busybox = std::fs::read(guest.join("busybox")).map_err(|e| e.to_string())?;
+    c.file("bin/busybox", 0o755, &busybox)
+        .map_err(|e| e.to_string())?;
+    c.file("init", 0o755, init.as_bytes())
+        .map_err(|e| e.to_string())?;
+    let initrd = dir.join("qemu-init.cpio");
+    std::fs::write(&initrd, c.finish().map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
+    let sock = dir.join("qemu-vfs.sock");
+    let mut vfs = Command::new(virtiofsd)
+        .arg(format!("--socket-path={}", sock.display()))
+        .arg(format!("--shared-dir={}", dir.join("share").display()))
+        .args([
+            "--sandbox",
+            "none",
+            "--cache",
+            "auto",
+            "--log-level",
+            "error",
+        ])
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    for _ in 0..200 {
+        if sock.exists() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let port_out = dir.join("qemu-stdout.bin");
+    let mut q = crate::startup::qemu_base("256M");
+    q.args([
+        "-M",
+        "microvm,x-option-roms=off,rtc=off,acpi=off,memory-backend=mem",
+        "-no-reboot",
+    ])
+    .args(["-object", "memory-backend-memfd,id=mem,size=256M,share=on"])
+    .arg("-kernel")
+    .arg(guest.join("vmlinux"))
+    .arg("-initrd")
+    .arg(&initrd)
+    .args([
+        "-append",
+        &format!("{} rdinit=/init", crate::guest::cmdline()),
+    ])
+    .args([
+        "-drive",
+        &format!(
+            "file={},if=none,id=d0,format=raw",
+            dir.join("disk.img").display()
+        ),
+    ])
+    .args(["-device", "virtio-blk-device,drive=d0"])
+    .args([
+        "-chardev",
+        &format!("socket,id=vfs,path={}", sock.display()),
+    ])
+    .args(["-device", "vhost-user-fs-device,chardev=vfs,tag=share"])
+    .args(["-device", "virtio-serial-device"])
+    .args([
+        "-chardev",
+        &format!("file,id=out,path={}", port_out.display()),
+    ])
+    .args(["-device", "virtserialport,chardev=out,name=out"]);
+    let out = Command::new("timeout")
+        .arg("400")
+        .arg(q.get_program())
+        .args(q.get_args())
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| e.to_string());
+    let _ = vfs.kill();
+    let _ = vfs.wait();
+    let out = out?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let got = std::fs::metadata(&port_out).map_or(0, |m| m.len());
+    let t = parse(&text);
+    if t.len() == 6 && got == (mib << 20) as u64 && text.contains("QEMU-DONE") {
+        Ok(t)
+    } else {
+        Err(format!(
+            "QEMU run incomplete ({} timings, {got} stdout bytes)",
+            t.len()
+        ))
+    }
+}
+
 /// One guest run's timings, in seconds, by name.
 fn parse(stderr: &str) -> Vec<(String, f64)> {
     stderr
@@ -50,20 +188,27 @@ pub fn run(hpcvm: &Path, mib: usize, reps: usize) -> String {
     std::fs::write(&disk, &img).unwrap();
     drop(img);
     let m = mib.to_string();
-    let script = format!(
-        "t() {{ cut -d' ' -f1 /proc/uptime; }}; \
-         a=$(t); dd if=/dev/zero of=/dev/null bs=1M count={m} 2>/dev/null; echo T floor $a $(t) >&2; \
-         a=$(t); dd if=/dev/vda of=/dev/null bs=1M count={m} 2>/dev/null; echo T disk-read $a $(t) >&2; \
-         a=$(t); dd if=/dev/zero of=/dev/vda bs=1M count={m} seek={m} conv=fsync 2>/dev/null; echo T disk-write $a $(t) >&2; \
-         a=$(t); dd if=/share/in.bin of=/dev/null bs=1M 2>/dev/null; echo T share-read $a $(t) >&2; \
-         a=$(t); dd if=/dev/zero of=/share/out.bin bs=1M count={m} conv=fsync 2>/dev/null; echo T share-write $a $(t) >&2; \
-         a=$(t); dd if=/dev/zero bs=1M count={m} 2>/dev/null; echo T stdout $a $(t) >&2"
-    );
+    let script = dd_script(&m, " >&2", "");
     let share_arg = format!("{}:/share", share.display());
     let disk_arg = disk.display().to_string();
     let mut runs: Vec<Vec<(String, f64)>> = Vec::new();
     let mut bad = 0;
+    let mut qemu: Vec<Vec<(String, f64)>> = Vec::new();
+    let mut qemu_err = None;
+    let have_qemu = Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    // hpcvm and QEMU interleaved, so that both see the same phases of this busy host.
     for _ in 0..reps {
+        if !have_qemu {
+            qemu_err = Some("qemu-system-x86_64 not installed".to_string());
+        } else {
+            match qemu_run(hpcvm, &dir, mib) {
+                Ok(t) => qemu.push(t),
+                Err(e) => qemu_err = Some(e),
+            }
+        }
         let mut child = Command::new("timeout")
             .arg("300")
             .arg(hpcvm)
@@ -175,7 +320,8 @@ pub fn run(hpcvm: &Path, mib: usize, reps: usize) -> String {
          in the guest, median of {} runs ({bad} runs failed their checks); beside `dd` on the \
          host on the same files and a host pipe. `floor` is the guest's `dd` from /dev/zero to \
          its own /dev/null: on software KVM the guest kernel's copies are emulated, so that is \
-         the fastest any device can be there.\n\n",
+         the fastest any device can be there, and each VMM is best compared through its own \
+         time / floor (the floors of two runs differ by this host's noise alone).\n\n",
         runs.len()
     );
     if runs.is_empty() {
@@ -188,10 +334,19 @@ pub fn run(hpcvm: &Path, mib: usize, reps: usize) -> String {
         "on host (MB/s)",
         "ratio guest/host",
         "guest time / guest floor",
+        "QEMU microvm (MB/s)",
+        "QEMU time / QEMU floor",
     ]);
     let mbps = |s: f64| format!("{:.1}", (mib as f64 * 1.048_576) / s);
     for (i, (name, host_s)) in host.iter().enumerate() {
         let g = stats(runs.iter().map(|r| r[i].1).collect()).median;
+        let (q_cell, vs) = if qemu.is_empty() {
+            ("-".to_string(), "-".to_string())
+        } else {
+            let qm = stats(qemu.iter().map(|r| r[i].1).collect()).median;
+            let qfloor = stats(qemu.iter().map(|r| r[0].1).collect()).median;
+            (mbps(qm), format!("{:.2}x", qm / qfloor))
+        };
         t.row(&[
             (*name).into(),
             mbps(g),
@@ -199,7 +354,17 @@ pub fn run(hpcvm: &Path, mib: usize, reps: usize) -> String {
             // Four decimals: on software KVM the guest is three orders slower.
             format!("{:.4}x", host_s / g),
             format!("{:.2}x", g / floor),
+            q_cell,
+            vs,
         ]);
     }
-    head + &t.finish()
+    let qemu_note = match (&qemu_err, qemu.len()) {
+        (None, n) => format!(
+            "\nQEMU microvm: the same kernel and busybox, virtio-mmio blk on the same file, \
+             vhost-user-fs through the same virtiofsd, stdout into a virtio-serial port, \
+             median of {n} runs.\n"
+        ),
+        (Some(e), n) => format!("\nQEMU microvm: {n} runs measured; {e}.\n"),
+    };
+    head + &t.finish() + &qemu_note
 }

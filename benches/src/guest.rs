@@ -14,7 +14,7 @@ use crate::stats::{ratio, stats, Table};
 const MARKER: &str = "HPCVM-INIT-REACHED";
 
 /// The default guest directory (`target/guest`), if `make guest` has run.
-fn guest_dir(hpcvm: &Path) -> Option<PathBuf> {
+pub fn guest_dir(hpcvm: &Path) -> Option<PathBuf> {
     let d = hpcvm.parent()?.parent()?.join("guest");
     (d.join("vmlinux").is_file() && d.join("busybox").is_file()).then_some(d)
 }
@@ -36,7 +36,7 @@ fn marker_initramfs(busybox: &Path) -> PathBuf {
 }
 
 /// The command line hpcvm gives a plain `--kernel` guest with `--cmdline quiet`.
-fn cmdline() -> String {
+pub fn cmdline() -> String {
     let mut c = format!("{} quiet", vmm::config::DEFAULT_CMDLINE);
     if vmm::host::is_software_kvm() {
         c.push(' ');
