@@ -4,7 +4,6 @@
 //! table sparsely, trapping only the table and PBA pages), and every interrupt routed
 //! in the kernel: the device writes an eventfd, KVM injects the MSI (irqfd).
 
-use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
 use devices::pci::msix::{MsixChange, MsixTable};
@@ -13,6 +12,7 @@ use thiserror::Error;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::backend::{Mapping, VfioBackend, CONFIG_REGION, INTX_IRQ, MSIX_IRQ};
+use crate::vstate::msix::MsixVector;
 use crate::vstate::{DeviceVm, VmError};
 
 /// Host (and guest) page size: the granule of BAR mappings.
@@ -102,18 +102,6 @@ impl MappedArea {
     }
 }
 
-/// True when `evt` has been signalled and not yet read (polled, not consumed).
-fn signalled(evt: &EventFd) -> bool {
-    let mut pfd = libc::pollfd {
-        fd: evt.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd for the call; a zero timeout never blocks.
-    let rc = unsafe { libc::poll(&mut pfd, 1, 0) };
-    rc == 1 && pfd.revents & libc::POLLIN != 0
-}
-
 struct Bar {
     kind: BarKind,
     /// The low type bits the guest reads back (memory type, prefetchable).
@@ -133,16 +121,9 @@ struct Msix {
     pba_bar: usize,
     pba_offset: u64,
     table: MsixTable,
-    vectors: Vec<Vector>,
+    vectors: Vec<MsixVector>,
     /// VFIO has the eventfds (the device may signal them).
     vfio_enabled: bool,
-}
-
-struct Vector {
-    gsi: u32,
-    evt: EventFd,
-    /// The irqfd is registered (vector unmasked and enabled).
-    routed: bool,
 }
 
 /// Legacy INTx through an IOAPIC pin.
@@ -285,11 +266,7 @@ impl VfioPciDevice {
         for _ in 0..vectors {
             let evt = self.eventfd()?;
             let gsi = self.vm.allocate_msi_gsi().map_err(self.vm_err())?;
-            v.push(Vector {
-                gsi,
-                evt,
-                routed: false,
-            });
+            v.push(MsixVector::from_parts(gsi, evt));
         }
         self.msix = Some(Msix {
             cap,
@@ -541,24 +518,8 @@ impl VfioPciDevice {
         let Some(m) = &mut self.msix else {
             return;
         };
-        let live = m.table.enabled() && !m.table.masked(v);
-        let msg = m.table.message(v);
-        let Some(vec) = m.vectors.get_mut(v) else {
-            return;
-        };
-        if live {
-            // An interrupt that waited while the vector was masked is injected when
-            // the irqfd goes in; unregistering (masking) consumes what the eventfd
-            // still counts, so nothing is left pending or delivered twice.
-            if self.vm.set_msi_route(vec.gsi, msg).is_ok()
-                && !vec.routed
-                && self.vm.register_irqfd(&vec.evt, vec.gsi).is_ok()
-            {
-                vec.routed = true;
-            }
-        } else if vec.routed {
-            let _ = self.vm.unregister_irqfd(&vec.evt, vec.gsi);
-            vec.routed = false;
+        if let Some(vec) = m.vectors.get_mut(v) {
+            vec.update(self.vm.as_ref(), &m.table, v);
         }
     }
 
@@ -736,7 +697,7 @@ impl PciDevice for VfioPciDevice {
                     // vectors of the qword read are looked at.
                     let first = (off / 8 * 64) as usize;
                     for (v, vec) in m.vectors.iter().enumerate().skip(first).take(64) {
-                        m.table.set_pending(v, !vec.routed && signalled(&vec.evt));
+                        m.table.set_pending(v, !vec.routed() && vec.pending());
                     }
                     m.table.read_pba(off, data);
                 }
@@ -775,10 +736,7 @@ impl VfioPciDevice {
         self.released = true;
         if let Some(m) = &mut self.msix {
             for v in &mut m.vectors {
-                if v.routed {
-                    let _ = self.vm.unregister_irqfd(&v.evt, v.gsi);
-                    v.routed = false;
-                }
+                v.unroute(self.vm.as_ref());
             }
             if m.vfio_enabled {
                 let _ = self.backend.disable_irq(MSIX_IRQ);

@@ -26,11 +26,16 @@ impl MsixVector {
             what: "eventfd for an MSI-X vector",
             source: vmm_sys_util::errno::Error::new(e.raw_os_error().unwrap_or(libc::EIO)),
         })?;
-        Ok(Self {
-            gsi: vm.allocate_msi_gsi()?,
+        Ok(Self::from_parts(vm.allocate_msi_gsi()?, evt))
+    }
+
+    /// A vector for `gsi` raised through `evt`, not yet routed.
+    pub fn from_parts(gsi: u32, evt: EventFd) -> Self {
+        Self {
+            gsi,
             evt,
             routed: false,
-        })
+        }
     }
 
     /// Routes the vector when MSI-X is on and vector `v` of `table` unmasked, with the
