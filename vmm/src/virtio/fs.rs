@@ -70,10 +70,7 @@ pub fn find_virtiofsd() -> Option<PathBuf> {
     let home = std::env::var_os("HOME").map(|h| Path::new(&h).join(".cargo/bin"));
     std::env::split_paths(&path)
         .chain(home)
-        .chain([
-            PathBuf::from("/usr/libexec"),
-            PathBuf::from("/usr/lib/qemu"),
-        ])
+        .chain([PathBuf::from("/usr/libexec")])
         .map(|d| d.join("virtiofsd"))
         .find(|p| p.is_file())
 }
