@@ -138,66 +138,71 @@ pub enum Direction {
     Write,
 }
 
-/// Moves every byte of `iov` between `fd` (from file `offset`) and guest memory,
-/// looping over short transfers; a read that hits the end of the file is an error.
-pub fn transfer(
-    fd: RawFd,
+/// Calls `step` on what is left of `iov` until every byte has moved, retrying on
+/// EINTR; `step` returns what the system call did. A step that moves nothing is an
+/// error (`what_if_none`): the end of a file, or a stream that takes no more.
+fn move_all(
     mut iov: Vec<libc::iovec>,
-    mut offset: u64,
-    dir: Direction,
+    what_if_none: &str,
+    mut step: impl FnMut(&[libc::iovec]) -> io::Result<isize>,
 ) -> io::Result<u64> {
     let mut moved = 0u64;
     while !iov.is_empty() {
-        let cnt = iov.len().min(libc::UIO_MAXIOV as usize) as libc::c_int;
-        let off = libc::off_t::try_from(offset)
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset too large"))?;
-        // SAFETY: every iovec points into guest RAM that `mem` keeps mapped for the
-        // whole request (see `iovecs`); the kernel checks the fd.
-        let n = unsafe {
-            match dir {
-                Direction::Read => libc::preadv(fd, iov.as_ptr(), cnt, off),
-                Direction::Write => libc::pwritev(fd, iov.as_ptr(), cnt, off),
-            }
+        let cnt = iov.len().min(libc::UIO_MAXIOV as usize);
+        let n = match step(&iov[..cnt]) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
         };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        if n == 0 {
+        if n <= 0 {
             return Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
-                "end of the backing file",
+                what_if_none.to_string(),
             ));
         }
         moved += n as u64;
-        offset += n as u64;
         advance(&mut iov, n as usize);
     }
     Ok(moved)
 }
 
+/// The result of a raw system call returning -1 on error.
+fn syscall(n: isize) -> io::Result<isize> {
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n)
+    }
+}
+
+/// Moves every byte of `iov` between `fd` (from file `offset`) and guest memory,
+/// looping over short transfers; a read that hits the end of the file is an error.
+pub fn transfer(fd: RawFd, iov: Vec<libc::iovec>, offset: u64, dir: Direction) -> io::Result<u64> {
+    let mut offset = offset;
+    move_all(iov, "end of the backing file", |iov| {
+        let off = libc::off_t::try_from(offset)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset too large"))?;
+        let cnt = iov.len() as libc::c_int;
+        // SAFETY: every iovec points into guest RAM that `mem` keeps mapped for the
+        // whole request (see `iovecs`); the kernel checks the fd.
+        let n = syscall(unsafe {
+            match dir {
+                Direction::Read => libc::preadv(fd, iov.as_ptr(), cnt, off),
+                Direction::Write => libc::pwritev(fd, iov.as_ptr(), cnt, off),
+            }
+        })?;
+        offset += n as u64;
+        Ok(n)
+    })
+}
+
 /// Writes every byte of `iov` to `fd` (a stream: stdout, a pipe), looping over short
 /// writes.
-pub fn write_stream(fd: RawFd, mut iov: Vec<libc::iovec>) -> io::Result<u64> {
-    let mut moved = 0u64;
-    while !iov.is_empty() {
-        let cnt = iov.len().min(libc::UIO_MAXIOV as usize) as libc::c_int;
+pub fn write_stream(fd: RawFd, iov: Vec<libc::iovec>) -> io::Result<u64> {
+    move_all(iov, "the stream took no bytes", |iov| {
         // SAFETY: as in `transfer`: the iovecs point into mapped guest RAM.
-        let n = unsafe { libc::writev(fd, iov.as_ptr(), cnt) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        moved += n as u64;
-        advance(&mut iov, n as usize);
-    }
-    Ok(moved)
+        syscall(unsafe { libc::writev(fd, iov.as_ptr(), iov.len() as libc::c_int) })
+    })
 }
 
 #[cfg(test)]

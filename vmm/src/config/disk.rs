@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::str::FromStr;
 
-use super::ConfigError;
+use super::{on_off, ConfigError};
 
 /// The serial the `--image` disk carries, by which the guest agent finds it.
 pub const IMAGE_SERIAL: &str = "hpcvm-image";
@@ -35,14 +35,6 @@ impl DiskConfig {
             direct: false,
             root_image: true,
         }
-    }
-}
-
-fn on_off(key: &str, v: &str) -> Result<bool, String> {
-    match v {
-        "on" | "true" | "1" => Ok(true),
-        "off" | "false" | "0" => Ok(false),
-        _ => Err(format!("{key}= takes on or off, not '{v}'")),
     }
 }
 

@@ -65,6 +65,15 @@ pub enum ConfigError {
     },
 }
 
+/// An `on`/`off` option value (also `true`/`false`, `1`/`0`) of option `key`.
+fn on_off(key: &str, v: &str) -> Result<bool, String> {
+    match v {
+        "on" | "true" | "1" => Ok(true),
+        "off" | "false" | "0" => Ok(false),
+        _ => Err(format!("{key}= takes on or off, not '{v}'")),
+    }
+}
+
 /// The guest kernel and what it boots with.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KernelConfig {

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::str::FromStr;
 
-use super::ConfigError;
+use super::{on_off, ConfigError};
 
 /// The tag of the share that carries the job's working directory.
 pub const CWD_TAG: &str = "hpcvm-cwd";
@@ -61,8 +61,7 @@ impl FromStr for ShareConfig {
         let mut read_only = false;
         for p in parts {
             match p.split_once('=') {
-                Some(("readonly" | "ro", "on" | "true" | "1")) => read_only = true,
-                Some(("readonly" | "ro", "off" | "false" | "0")) => read_only = false,
+                Some((k @ ("readonly" | "ro"), v)) => read_only = on_off(k, v).map_err(bad)?,
                 _ => return Err(bad(format!("unknown option '{p}' (readonly=on|off)"))),
             }
         }

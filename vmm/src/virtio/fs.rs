@@ -78,21 +78,20 @@ pub fn find_virtiofsd() -> Option<PathBuf> {
 /// A running virtiofsd and the vhost-user connection to it.
 struct Backend {
     dir: PathBuf,
-    child: Child,
+    child: ChildGuard,
     frontend: Frontend,
 }
 
 impl Drop for Backend {
     fn drop(&mut self) {
-        if let Ok(Some(status)) = self.child.try_wait() {
+        if let Some(status) = self.child.exited() {
             eprintln!(
                 "hpcvm: warning: virtiofsd for {} exited during the run ({status}); the guest's \
                  I/O to that directory failed from then on",
                 self.dir.display()
             );
         }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        // The guard kills and reaps it.
     }
 }
 
@@ -178,7 +177,7 @@ impl Fs {
         let child = cmd
             .spawn()
             .map_err(|e| start(format!("{}: {e}", bin.display())))?;
-        let mut backend_guard = ChildGuard(Some(child));
+        let child = ChildGuard(child);
         // The connection waits in the backlog until virtiofsd accepts it.
         let stream = UnixStream::connect_addr(&addr).map_err(|e| start(format!("connect: {e}")))?;
         drop(listener);
@@ -198,7 +197,7 @@ impl Fs {
             config,
             backend: Backend {
                 dir,
-                child: backend_guard.0.take().expect("child still guarded"),
+                child,
                 frontend,
             },
             backend_features,
@@ -212,7 +211,7 @@ impl Fs {
 
     /// virtiofsd's exit status, if it has exited.
     pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
-        self.backend.child.try_wait().ok().flatten()
+        self.backend.child.exited()
     }
 
     fn setup(&mut self, features: u64, ctx: &ActivateContext<'_>) -> vhost::Result<()> {
@@ -264,15 +263,21 @@ impl Fs {
     }
 }
 
-/// Kills a started virtiofsd if setting up the connection fails.
-struct ChildGuard(Option<Child>);
+/// A started virtiofsd: killed and reaped when dropped, whether the connection was
+/// never set up or the VM is done.
+struct ChildGuard(Child);
+
+impl ChildGuard {
+    /// Its exit status, if it has exited.
+    fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.0.try_wait().ok().flatten()
+    }
+}
 
 impl Drop for ChildGuard {
     fn drop(&mut self) {
-        if let Some(mut c) = self.0.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 

@@ -6,6 +6,8 @@ pub mod disk;
 pub mod fs;
 pub mod pci;
 
+use std::cell::Cell;
+use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
@@ -41,7 +43,7 @@ impl MutEventSubscriber for QueueEvents {
 /// Ends the loop when signalled.
 struct Stop {
     evt: EventFd,
-    stopped: Arc<std::sync::atomic::AtomicBool>,
+    stopped: Rc<Cell<bool>>,
 }
 
 impl MutEventSubscriber for Stop {
@@ -51,8 +53,7 @@ impl MutEventSubscriber for Stop {
 
     fn process(&mut self, _events: Events, _ops: &mut EventOps) {
         let _ = self.evt.read();
-        self.stopped
-            .store(true, std::sync::atomic::Ordering::Release);
+        self.stopped.set(true);
     }
 }
 
@@ -88,11 +89,13 @@ impl VirtioThread {
     /// Stops the thread, then serves every queue once more on this one, so that what
     /// the guest queued before it stopped (the job's last output) is not lost. The
     /// vCPUs must be stopped.
+    /// Later calls (the drop after an explicit stop) do nothing.
     pub fn stop(&mut self) {
-        if let Some(t) = self.thread.take() {
-            let _ = self.stop.write(1);
-            let _ = t.join();
-        }
+        let Some(t) = self.thread.take() else {
+            return;
+        };
+        let _ = self.stop.write(1);
+        let _ = t.join();
         for d in &self.devices {
             let mut d = lock(d);
             for q in 0..d.queue_count() {
@@ -113,7 +116,7 @@ fn serve(subs: Vec<QueueEvents>, stop: EventFd) {
         eprintln!("hpcvm: virtio: cannot create the device thread's epoll");
         return;
     };
-    let stopped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stopped = Rc::new(Cell::new(false));
     em.add_subscriber(Box::new(Stop {
         evt: stop,
         stopped: stopped.clone(),
@@ -121,7 +124,7 @@ fn serve(subs: Vec<QueueEvents>, stop: EventFd) {
     for s in subs {
         em.add_subscriber(Box::new(s));
     }
-    while !stopped.load(std::sync::atomic::Ordering::Acquire) {
+    while !stopped.get() {
         match em.run() {
             Ok(_) => {}
             Err(event_manager::Error::Epoll(e)) if e.errno() == libc::EINTR => {}
