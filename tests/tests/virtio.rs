@@ -395,6 +395,50 @@ fn sigkill_and_destroy_during_file_io_leave_no_virtiofsd() {
 }
 
 #[test]
+fn a_virtiofsd_that_dies_mid_job_gives_the_job_io_errors_not_a_hang() {
+    let s = Scratch::new("fsdeath");
+    let dir = s.path("share");
+    std::fs::create_dir_all(&dir).unwrap();
+    let share = format!("{}:/out", dir.display());
+    // Each tick rewrites a file on the share (open, truncate and write all go to
+    // virtiofsd); the loop ends at the first error.
+    let job = "i=0; while echo $i > /out/tick.txt; do echo tick $i; i=$((i+1)); sleep 1; done; \
+        echo io-failed; ls /out > /dev/null 2>&1 || echo ls-failed; exit 7";
+    let mut vm = hpcvm_tests::proc::RunningVm::start(&[
+        "run",
+        "--memory",
+        "256M",
+        "--no-share-cwd",
+        "--share",
+        &share,
+        "--",
+        "/bin/sh",
+        "-c",
+        job,
+    ]);
+    vm.wait_for_line("tick 1", JOB_TIMEOUT);
+    let served = virtiofsds_for(&dir);
+    assert!(!served.is_empty(), "no virtiofsd serves the share");
+    for pid in served {
+        hpcvm_tests::proc::signal(pid, libc::SIGKILL);
+    }
+    vm.wait_for_line("io-failed", JOB_TIMEOUT);
+    assert_eq!(vm.wait_for_line("ls-failed", JOB_TIMEOUT), "ls-failed");
+    let (code, stderr, _) = vm.wait_exit(JOB_TIMEOUT);
+    assert_eq!(code, Some(7), "the job's own status; stderr: {stderr}");
+    let said = format!("virtiofsd for {} ended during the run", dir.display());
+    assert_eq!(stderr.matches(&said).count(), 1, "stderr: {stderr}");
+    assert!(stderr.contains("fails with EIO"), "stderr: {stderr}");
+    let ticks: u32 = std::fs::read_to_string(dir.join("tick.txt"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(ticks >= 1, "tick.txt holds {ticks}");
+    assert_no_virtiofsd(&dir);
+}
+
+#[test]
 fn a_missing_share_or_virtiofsd_is_refused_before_boot() {
     let s = Scratch::new("noshare");
     let gone = s.path("gone");

@@ -5,6 +5,7 @@
 pub mod block;
 pub mod console;
 mod descriptors;
+pub mod fs_failed;
 #[cfg(test)]
 mod testing;
 
@@ -127,6 +128,14 @@ pub trait VirtioDevice: Send {
     fn serves_own_queues(&self) -> bool {
         false
     }
+    /// A pidfd of the process serving the queues (see [`Self::serves_own_queues`]),
+    /// readable once that process has ended; a new descriptor each call.
+    fn backend_exit(&self) -> Option<std::os::fd::OwnedFd> {
+        None
+    }
+    /// That process ended: the device serves its queues itself from now on,
+    /// carrying on from where the backend stopped.
+    fn backend_ended(&mut self, _queues: &mut DeviceQueues<'_>) {}
     /// Queue `index` was notified (or the device is being drained at teardown).
     fn process(&mut self, index: usize, queues: &mut DeviceQueues<'_>);
     /// The driver reset the device: forget everything negotiated.

@@ -4,15 +4,18 @@
 //! and at DRIVER_OK hands it guest RAM (a shared memfd) and the queues, whose
 //! notifications (ioeventfds) and interrupts (irqfds) then go between KVM and
 //! virtiofsd without hpcvm. virtiofsd dies with hpcvm (PR_SET_PDEATHSIG), whatever
-//! ends it, and is killed and reaped when the VM is torn down.
+//! ends it, and is killed and reaped when the VM is torn down. If it ends first, the
+//! device thread (watching its pidfd) takes the queues back and fails every request
+//! with EIO ([`devices::virtio::fs_failed`]), so the job gets I/O errors, not a hang.
 
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
+use devices::virtio::fs_failed::{fail_requests, resume_from_used};
 use devices::virtio::{read_config_bytes, ActivateContext, DeviceQueues, VirtioDevice};
 use thiserror::Error;
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
@@ -79,11 +82,19 @@ pub fn find_virtiofsd() -> Option<PathBuf> {
 struct Backend {
     dir: PathBuf,
     child: ChildGuard,
+    /// Readable once virtiofsd has ended (None where the kernel has no pidfds).
+    pidfd: Option<OwnedFd>,
     frontend: Frontend,
+    /// It ended during the run and the device serves the queues itself (and the
+    /// error has been printed).
+    ended: bool,
 }
 
 impl Drop for Backend {
     fn drop(&mut self) {
+        if self.ended {
+            return;
+        }
         if let Some(status) = self.child.exited() {
             eprintln!(
                 "hpcvm: warning: virtiofsd for {} exited during the run ({status}); the guest's \
@@ -140,6 +151,9 @@ impl Fs {
             .arg("--shared-dir")
             .arg(&dir)
             .args(["--cache", "auto", "--log-level", "error"])
+            // Each queue's requests answered in order: what the device thread relies
+            // on to take the queues over if virtiofsd ends.
+            .arg("--thread-pool-size=0")
             // Root can sandbox virtiofsd in namespaces; a user's virtiofsd runs with
             // the user's own rights, which is all it can give the guest anyway.
             .args(["--sandbox", if is_root() { "namespace" } else { "none" }])
@@ -177,6 +191,7 @@ impl Fs {
         let child = cmd
             .spawn()
             .map_err(|e| start(format!("{}: {e}", bin.display())))?;
+        let pidfd = pidfd_open(child.id());
         let child = ChildGuard(child);
         // The connection waits in the backlog until virtiofsd accepts it.
         let stream = UnixStream::connect_addr(&addr).map_err(|e| start(format!("connect: {e}")))?;
@@ -198,7 +213,9 @@ impl Fs {
             backend: Backend {
                 dir,
                 child,
+                pidfd,
                 frontend,
+                ended: false,
             },
             backend_features,
         })
@@ -281,6 +298,16 @@ impl Drop for ChildGuard {
     }
 }
 
+/// A pidfd for `pid`, or None where the kernel has none (before 5.3): virtiofsd's
+/// end is then noticed only at teardown.
+fn pidfd_open(pid: u32) -> Option<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    let fd = i32::try_from(fd).ok().filter(|&fd| fd >= 0)?;
+    // SAFETY: the descriptor was just created and nothing else owns it.
+    Some(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
 fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }
@@ -305,6 +332,9 @@ impl VirtioDevice for Fs {
     }
 
     fn activate(&mut self, features: u64, ctx: ActivateContext<'_>) -> Result<(), String> {
+        if self.backend.ended {
+            return Err(format!("virtiofsd for {} has ended", self.dir.display()));
+        }
         self.setup(features, &ctx).map_err(|e| {
             let status = self
                 .exited()
@@ -318,12 +348,41 @@ impl VirtioDevice for Fs {
     }
 
     fn serves_own_queues(&self) -> bool {
-        true
+        !self.backend.ended
     }
 
-    fn process(&mut self, _index: usize, _queues: &mut DeviceQueues<'_>) {}
+    fn backend_exit(&self) -> Option<OwnedFd> {
+        self.backend.pidfd.as_ref()?.try_clone().ok()
+    }
+
+    fn backend_ended(&mut self, queues: &mut DeviceQueues<'_>) {
+        if self.backend.ended {
+            return;
+        }
+        self.backend.ended = true;
+        let status = self.exited().map(|s| format!(" ({s})")).unwrap_or_default();
+        eprintln!(
+            "hpcvm: error: virtiofsd for {} ended during the run{status}: the guest's I/O to \
+             that directory fails with EIO from now on",
+            self.dir.display()
+        );
+        for i in 0..queues.queues.len() {
+            if resume_from_used(&mut queues.queues[i], queues.mem) {
+                fail_requests(queues, i);
+            }
+        }
+    }
+
+    fn process(&mut self, index: usize, queues: &mut DeviceQueues<'_>) {
+        if self.backend.ended {
+            fail_requests(queues, index);
+        }
+    }
 
     fn reset(&mut self) {
+        if self.backend.ended {
+            return;
+        }
         let f = &mut self.backend.frontend;
         for i in 0..2 {
             let _ = f.get_vring_base(i);

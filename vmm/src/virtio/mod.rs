@@ -7,6 +7,7 @@ pub mod fs;
 pub mod pci;
 
 use std::cell::Cell;
+use std::os::fd::OwnedFd;
 use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -40,6 +41,41 @@ impl MutEventSubscriber for QueueEvents {
     }
 }
 
+/// Event data of a backend's pidfd (queue kicks use their index).
+const BACKEND_EXIT: u32 = u32::MAX;
+
+/// Watches the process that serves a device's queues (virtiofsd); when it ends,
+/// hands the queues back to the device model and serves their kicks from then on.
+struct BackendWatch {
+    dev: Arc<Mutex<VirtioPciDevice>>,
+    pidfd: OwnedFd,
+    kicks: Vec<EventFd>,
+}
+
+impl MutEventSubscriber for BackendWatch {
+    fn init(&mut self, ops: &mut EventOps) {
+        let _ = ops.add(Events::with_data(&self.pidfd, BACKEND_EXIT, EventSet::IN));
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        let data = events.data();
+        if data != BACKEND_EXIT {
+            let i = data as usize;
+            if let Some(evt) = self.kicks.get(i) {
+                let _ = evt.read();
+            }
+            lock(&self.dev).process(i);
+            return;
+        }
+        let _ = ops.remove(Events::with_data(&self.pidfd, BACKEND_EXIT, EventSet::IN));
+        // Kicks first, so that none is missed between the takeover and the wait.
+        for (i, evt) in self.kicks.iter().enumerate() {
+            let _ = ops.add(Events::with_data(evt, i as u32, EventSet::IN));
+        }
+        lock(&self.dev).backend_ended();
+    }
+}
+
 /// Ends the loop when signalled.
 struct Stop {
     evt: EventFd,
@@ -68,12 +104,22 @@ impl VirtioThread {
     /// Starts serving `devices`.
     pub fn start(devices: Vec<Arc<Mutex<VirtioPciDevice>>>) -> std::io::Result<Self> {
         let stop = EventFd::new(EFD_NONBLOCK)?;
-        let mut subs = Vec::with_capacity(devices.len());
+        let mut subs: Vec<Box<dyn MutEventSubscriber + Send>> = Vec::with_capacity(devices.len());
         for d in &devices {
-            subs.push(QueueEvents {
-                dev: d.clone(),
-                notifiers: lock(d).notifiers()?,
-            });
+            let dev = lock(d);
+            let notifiers = dev.notifiers()?;
+            if let Some(pidfd) = dev.backend_exit() {
+                subs.push(Box::new(BackendWatch {
+                    dev: d.clone(),
+                    pidfd,
+                    kicks: notifiers,
+                }));
+            } else if !dev.served_elsewhere() {
+                subs.push(Box::new(QueueEvents {
+                    dev: d.clone(),
+                    notifiers,
+                }));
+            }
         }
         let stop_evt = stop.try_clone()?;
         let thread = std::thread::Builder::new()
@@ -111,7 +157,7 @@ impl Drop for VirtioThread {
     }
 }
 
-fn serve(subs: Vec<QueueEvents>, stop: EventFd) {
+fn serve(subs: Vec<Box<dyn MutEventSubscriber + Send>>, stop: EventFd) {
     let Ok(mut em) = EventManager::<Box<dyn MutEventSubscriber>>::new() else {
         eprintln!("hpcvm: virtio: cannot create the device thread's epoll");
         return;
@@ -122,7 +168,7 @@ fn serve(subs: Vec<QueueEvents>, stop: EventFd) {
         stopped: stopped.clone(),
     }));
     for s in subs {
-        em.add_subscriber(Box::new(s));
+        em.add_subscriber(s);
     }
     while !stopped.get() {
         match em.run() {

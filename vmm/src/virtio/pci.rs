@@ -165,13 +165,35 @@ impl VirtioPciDevice {
         &self.name
     }
 
-    /// The queues' notification eventfds, for the device thread to wait on; none
-    /// when another process (a vhost-user backend) serves the queues.
+    /// The queues' notification eventfds, for the device thread to wait on (only
+    /// while no other process serves the queues: it reads them too).
     pub fn notifiers(&self) -> std::io::Result<Vec<EventFd>> {
-        if self.dev.serves_own_queues() {
-            return Ok(Vec::new());
-        }
         self.notify.iter().map(EventFd::try_clone).collect()
+    }
+
+    /// Another process (a vhost-user backend) serves the queues now.
+    pub fn served_elsewhere(&self) -> bool {
+        self.dev.serves_own_queues()
+    }
+
+    /// A pidfd of the process serving the queues, if one does.
+    pub fn backend_exit(&self) -> Option<std::os::fd::OwnedFd> {
+        self.dev.backend_exit()
+    }
+
+    /// That process has ended: the device model takes its queues back.
+    pub fn backend_ended(&mut self) {
+        let queues: &mut [Queue] = if self.active {
+            &mut self.queues
+        } else {
+            &mut []
+        };
+        let mut q = DeviceQueues {
+            mem: &self.mem,
+            queues,
+            irq: self.irq.as_ref(),
+        };
+        self.dev.backend_ended(&mut q);
     }
 
     /// Number of queues.
