@@ -387,3 +387,91 @@ fn a_paused_guest_makes_no_progress_until_resumed() {
     );
     assert_eq!(code, Some(169));
 }
+
+/// Sends one raw request line to `sock`; the reply line, or None within 5 s.
+fn raw_request(sock: &Path, line: &str) -> Option<String> {
+    use std::io::{BufRead, BufReader, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(sock).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    s.write_all(line.as_bytes()).ok()?;
+    let mut reply = String::new();
+    BufReader::new(s).read_line(&mut reply).ok()?;
+    Some(reply)
+}
+
+#[test]
+fn a_zero_grace_period_destroys_at_once_and_never_wedges() {
+    // --grace-period 0 and SIGTERM.
+    let mut vm = spin(&["--memory", "32M", "--grace-period", "0"]);
+    signal(vm.pid(), libc::SIGTERM);
+    let (code, err, took) = vm.wait_exit(Duration::from_secs(20));
+    assert_eq!(code, Some(168), "{err}");
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    // A request with a zero (or vanishing) timeout gets its reply, then the VM ends.
+    for timeout in ["0", "1e-10"] {
+        let sock = socket_path(&format!("grace0-{timeout}"));
+        let mut vm = spin(&["--memory", "32M", "--api-socket", sock.to_str().unwrap()]);
+        let reply = raw_request(
+            &sock,
+            &format!("{{\"id\":1,\"cmd\":\"shutdown\",\"timeout_s\":{timeout}}}\n"),
+        );
+        let reply = reply.unwrap_or_else(|| panic!("no reply to a {timeout} s shutdown"));
+        assert!(reply.contains(r#""ok":true"#), "{reply}");
+        let (code, err, took) = vm.wait_exit(Duration::from_secs(20));
+        assert_eq!(code, Some(168), "timeout {timeout}: {err}");
+        assert!(took < Duration::from_secs(5), "{took:?}");
+        assert!(!sock.exists(), "socket file removed");
+    }
+}
+
+#[test]
+fn alarm_and_other_stray_signals_do_not_end_hpcvm() {
+    let sock = socket_path("alrm");
+    let mut vm = spin(&["--memory", "32M", "--api-socket", sock.to_str().unwrap()]);
+    for sig in [
+        libc::SIGALRM,
+        libc::SIGVTALRM,
+        libc::SIGPROF,
+        libc::SIGIO,
+        libc::SIGPWR,
+    ] {
+        signal(vm.pid(), sig);
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let r = ctl(&sock, &["status"]);
+    assert!(
+        r.stdout.contains(r#""state":"running""#),
+        "{} {}",
+        r.stdout,
+        r.stderr
+    );
+    ctl(&sock, &["destroy"]);
+    let (code, _, _) = vm.wait_exit(Duration::from_secs(30));
+    assert_eq!(code, Some(169));
+    assert!(!sock.exists(), "socket file removed");
+}
+
+#[test]
+fn a_sigterm_while_hpcvm_starts_is_a_shutdown_not_a_bare_143() {
+    let status = std::env::temp_dir().join(format!("hpcvm-early-{}.json", std::process::id()));
+    let _ = std::fs::remove_file(&status);
+    let spin = guest("spin");
+    let mut vm = RunningVm::start(&[
+        "run",
+        "--kernel",
+        spin.to_str().unwrap(),
+        "--memory",
+        "64M,prefault=on",
+        "--grace-period",
+        "0.5",
+        "--status-file",
+        status.to_str().unwrap(),
+    ]);
+    std::thread::sleep(Duration::from_millis(3));
+    signal(vm.pid(), libc::SIGTERM);
+    let (code, err, _) = vm.wait_exit(Duration::from_secs(60));
+    let record = std::fs::read_to_string(&status).unwrap_or_default();
+    let _ = std::fs::remove_file(&status);
+    assert!(matches!(code, Some(167 | 168)), "{code:?}: {err}");
+    assert!(record.contains("\"exit_code\""), "status file: {record:?}");
+}

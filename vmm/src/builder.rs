@@ -127,6 +127,7 @@ pub fn run_with(config: &VmConfig, extra: Vec<Passthrough>) -> Result<Outcome, E
     ));
     let grace_timer = TimerFd::new()
         .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+        .and_then(non_blocking)
         .map_err(io_err("the grace timer"))?;
     install_kick_handler().map_err(io_err("the vCPU kick signal handler"))?;
 
@@ -407,6 +408,23 @@ fn create_vcpus(
         });
     }
     Ok(vcpus)
+}
+
+/// `timer` with O_NONBLOCK: the control thread reads it only when epoll says it
+/// fired, but a shutdown in between may have re-armed it, and a read must never
+/// block the thread that serves destroy.
+fn non_blocking(timer: TimerFd) -> std::io::Result<TimerFd> {
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&timer);
+    // SAFETY: F_GETFL/F_SETFL on a descriptor this function owns; no memory is passed.
+    let ok = unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        flags >= 0 && libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) == 0
+    };
+    if ok {
+        Ok(timer)
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 #[cfg(test)]

@@ -235,9 +235,23 @@ impl Controller {
         }
     }
 
-    /// The grace period ran out.
-    pub fn grace_expired(&mut self) {
+    /// The grace timer's fd became readable. The fd is non-blocking, and a shutdown
+    /// handled in between may have moved the deadline: only a deadline that has
+    /// passed ends the VM.
+    pub fn grace_timer_fired(&mut self) {
         let _ = self.grace_timer.wait();
+        if let State::ShuttingDown { deadline, .. } = self.state {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                self.grace_expired();
+            } else if let Err(e) = self.grace_timer.reset(left, None) {
+                self.destroy(&format!("grace timer failed: {e}"));
+            }
+        }
+    }
+
+    /// The grace period ran out (or was zero: no timer was armed, and none is read).
+    fn grace_expired(&mut self) {
         if let (State::ShuttingDown { since, deadline }, None) = (self.state, &self.outcome) {
             self.outcome = Some(Outcome::DestroyedAfterGrace {
                 grace: deadline - since,

@@ -73,6 +73,9 @@ impl MutEventSubscriber for LifecycleEvents {
             ctl.guest_stopped();
         } else if fd == self.signals.as_raw_fd() {
             while let Some(sig) = self.signals.next() {
+                if signals::IGNORED_SIGNALS.contains(&sig) {
+                    continue;
+                }
                 if signals::FORWARDED_SIGNALS.contains(&sig) {
                     ctl.forward_signal(sig);
                     continue;
@@ -90,7 +93,7 @@ impl MutEventSubscriber for LifecycleEvents {
                 }
             }
         } else if fd == ctl.grace_timer().as_raw_fd() {
-            ctl.grace_expired();
+            ctl.grace_timer_fired();
         }
     }
 }

@@ -5,6 +5,8 @@
 //!   time limit slurmd sends the step SIGTERM twice, ~20 ms apart.
 //! - SIGUSR1, SIGUSR2: passed on to the guest job (`sbatch --signal=USR1@T` warns a
 //!   job before its time limit); without a job they are ignored.
+//! - SIGALRM, SIGVTALRM, SIGPROF, SIGIO and SIGPWR, whose default would end hpcvm
+//!   without a status file and leave the API socket behind, are taken and ignored.
 //! - SIGCONT keeps its harmless default.
 
 use std::io;
@@ -14,22 +16,46 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 pub const STOP_SIGNALS: [libc::c_int; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP];
 /// The signals passed on to the guest job.
 pub const FORWARDED_SIGNALS: [libc::c_int; 2] = [libc::SIGUSR1, libc::SIGUSR2];
+/// Signals taken only so that they cannot end hpcvm.
+pub const IGNORED_SIGNALS: [libc::c_int; 5] = [
+    libc::SIGALRM,
+    libc::SIGVTALRM,
+    libc::SIGPROF,
+    libc::SIGIO,
+    libc::SIGPWR,
+];
 /// Every signal the control loop takes.
-const HANDLED: [libc::c_int; 5] = [
+const HANDLED: [libc::c_int; 10] = [
     libc::SIGTERM,
     libc::SIGINT,
     libc::SIGHUP,
     libc::SIGUSR1,
     libc::SIGUSR2,
+    libc::SIGALRM,
+    libc::SIGVTALRM,
+    libc::SIGPROF,
+    libc::SIGIO,
+    libc::SIGPWR,
 ];
 /// A stop signal this soon after the first one is the same request, not a second.
 pub const REPEAT_WINDOW: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Blocks the handled signals in the calling thread (and every thread it starts).
+/// The `hpcvm` binary does this first thing, so that a SIGTERM that comes while
+/// hpcvm is still starting waits for the control loop instead of killing it.
 pub fn block_stop_signals() -> io::Result<()> {
+    mask(libc::SIG_BLOCK)
+}
+
+/// Undoes [`block_stop_signals`] (for commands that do not run a VM).
+pub fn unblock_stop_signals() -> io::Result<()> {
+    mask(libc::SIG_UNBLOCK)
+}
+
+fn mask(how: libc::c_int) -> io::Result<()> {
     let set = sigset(&HANDLED);
     // SAFETY: `set` is an initialised sigset; the old mask is not wanted.
-    let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    let rc = unsafe { libc::pthread_sigmask(how, &set, std::ptr::null_mut()) };
     if rc != 0 {
         return Err(io::Error::from_raw_os_error(rc));
     }
