@@ -53,9 +53,17 @@ pub fn load(
         path: path.clone(),
         source,
     };
-    let mut file = File::open(path).map_err(read_err)?;
+    let mut file = open_regular(path).map_err(read_err)?;
     let kind = sniff(&mut file).map_err(read_err)?;
     let himem = Some(GuestAddress(HIMEM_START));
+    if kind == Kind::Elf {
+        super::elf_check::check(&mut file, mem, ram_size).map_err(|detail| {
+            BootError::KernelLoad {
+                path: path.clone(),
+                detail,
+            }
+        })?;
+    }
     let result = match kind {
         Kind::Elf => Elf::load(mem, None, &mut file, himem),
         Kind::BzImage => BzImage::load(mem, None, &mut file, himem),
@@ -143,6 +151,37 @@ fn classify(head: &[u8]) -> Kind {
     }
 }
 
+/// Opens `path` for reading if it is a regular file. The open does not wait (a FIFO
+/// would block it until someone writes), and anything but a file is refused.
+pub fn open_regular(path: &Path) -> std::io::Result<File> {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    let t = f.metadata()?.file_type();
+    if t.is_file() {
+        // O_NONBLOCK means nothing for a regular file's reads.
+        return Ok(f);
+    }
+    let what = if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_dir() {
+        "a directory"
+    } else if t.is_socket() {
+        "a socket"
+    } else if t.is_char_device() {
+        "a character device"
+    } else if t.is_block_device() {
+        "a block device"
+    } else {
+        "not a file"
+    };
+    Err(std::io::Error::other(format!(
+        "not a regular file ({what})"
+    )))
+}
+
 fn read_up_to(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
     let mut n = 0;
     while n < buf.len() {
@@ -178,7 +217,7 @@ fn load_initramfs(
         path: path.to_path_buf(),
         source,
     };
-    let mut f = File::open(path).map_err(read_err)?;
+    let mut f = open_regular(path).map_err(read_err)?;
     let size = f.metadata().map_err(read_err)?.len();
     let too_big = || BootError::InitramfsTooBig {
         path: path.to_path_buf(),

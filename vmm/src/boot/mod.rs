@@ -4,6 +4,7 @@
 //! at `hvm_start_info`); other ELF kernels and bzImages through the 64-bit Linux boot
 //! protocol (long mode, identity-mapped page tables, RSI pointing at `boot_params`).
 
+mod elf_check;
 pub mod initramfs;
 pub mod loader;
 pub mod mptable;
