@@ -186,6 +186,32 @@ fn a_missing_program_is_named_and_exits_127() {
 }
 
 #[test]
+fn a_missing_working_directory_is_a_config_error_not_cannot_run() {
+    let r = run_hpcvm(
+        &[
+            "run",
+            "--memory",
+            "128M",
+            "--no-share-cwd",
+            "--workdir",
+            "/nonexistent",
+            "--",
+            "/bin/true",
+        ],
+        JOB_TIMEOUT,
+    );
+    assert_eq!(r.code, Some(160), "stderr: {}", r.stderr);
+    assert!(
+        r.stderr.contains(
+            "cannot enter the working directory /nonexistent in the guest: No such file or directory"
+        ),
+        "{}",
+        r.stderr
+    );
+    assert!(!r.stderr.contains("cannot run"), "{}", r.stderr);
+}
+
+#[test]
 fn sigterm_reaches_the_job_and_its_status_is_hpcvms() {
     let mut vm = RunningVm::start(&[
         "run",

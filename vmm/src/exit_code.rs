@@ -162,6 +162,11 @@ mod tests {
     }
 
     #[test]
+    fn the_agent_reports_a_bad_workdir_as_a_config_error() {
+        assert_eq!(hpcvm_agent::BAD_WORKDIR_STATUS, CONFIG);
+    }
+
+    #[test]
     fn codes_are_distinct() {
         let mut c: Vec<u8> = TABLE.iter().map(|x| x.0).collect();
         c.sort_unstable();

@@ -125,9 +125,14 @@ impl JobExit {
 pub struct JobError {
     /// What went wrong, for humans.
     pub error: String,
-    /// The status a shell would give: 127 not found, 126 not executable.
+    /// The status a shell would give: 127 not found, 126 not executable; or
+    /// [`BAD_WORKDIR_STATUS`].
     pub status: u8,
 }
+
+/// The job's working directory is missing or cannot be entered in the guest: a
+/// configuration error (hpcvm's exit code 160), not a command that cannot run.
+pub const BAD_WORKDIR_STATUS: u8 = 160;
 
 /// Encodes one frame.
 pub fn frame(kind: u8, payload: &[u8]) -> Vec<u8> {

@@ -344,22 +344,35 @@ fn start_job(spec: &JobSpec, ports: Option<(OwnedFd, OwnedFd)>) -> Result<Job, J
             libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
             // Rust ignores SIGPIPE in the agent; a job (`yes | head`) expects the default.
             libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+            // [stage, errno]: stage 0 the chdir failed, 1 the exec.
+            let mut report = [0i32; 2];
             if libc::chdir(cwd.as_ptr()) == 0 {
                 libc::execve(program_c.as_ptr(), argv_p.as_ptr(), envp_p.as_ptr());
+                report[0] = 1;
             }
-            let errno: i32 = *libc::__errno_location();
-            libc::write(st_w.as_raw_fd(), (&errno as *const i32).cast(), 4);
+            report[1] = *libc::__errno_location();
+            libc::write(st_w.as_raw_fd(), report.as_ptr().cast(), 8);
             libc::_exit(127);
         }
     }
     drop((out.stdout, out.stderr, st_w, devnull));
     let mut st = File::from(st_r);
-    let mut errno = [0u8; 4];
-    if st.read_exact(&mut errno).is_ok() {
+    let mut report = [0u8; 8];
+    if st.read_exact(&mut report).is_ok() {
         let mut status = 0;
         // SAFETY: reaping our own child.
         unsafe { libc::waitpid(pid, &mut status, 0) };
-        let e = io::Error::from_raw_os_error(i32::from_ne_bytes(errno));
+        let word = |i: usize| i32::from_ne_bytes(report[i..i + 4].try_into().unwrap_or([0; 4]));
+        let e = io::Error::from_raw_os_error(word(4));
+        if word(0) == 0 {
+            return Err(JobError {
+                error: format!(
+                    "cannot enter the working directory {} in the guest: {e}",
+                    spec.cwd
+                ),
+                status: hpcvm_agent::BAD_WORKDIR_STATUS,
+            });
+        }
         let status = if e.kind() == io::ErrorKind::NotFound {
             127
         } else {
