@@ -153,7 +153,45 @@ fn too_long_cmdline_is_a_config_error() {
 fn unknown_option_is_a_usage_error() {
     let r = hpcvm(&["run", "--kernel", "k", "--frobnicate"]);
     assert_eq!(r.code, Some(USAGE), "{}", r.stderr);
-    assert!(r.stderr.contains("--frobnicate"), "{}", r.stderr);
+    let last = r.stderr.trim_end().lines().last().unwrap_or_default();
+    assert_eq!(
+        last,
+        "hpcvm: error: unexpected argument '--frobnicate' found; see 'hpcvm run --help'"
+    );
+    // A negative value: clap's own tip ("use '-- -1'") would make it the guest command.
+    let r = hpcvm(&["run", "--memory", "-1", "--", "true"]);
+    assert_eq!(r.code, Some(USAGE), "{}", r.stderr);
+    let last = r.stderr.trim_end().lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("hpcvm: error: unexpected argument '-1' found")
+            && last.contains("--OPTION=VALUE")
+            && !r.stderr.contains("'-- -1'"),
+        "{}",
+        r.stderr
+    );
+    let r = hpcvm(&[]);
+    assert_eq!(r.code, Some(USAGE), "{}", r.stderr);
+    assert!(
+        r.stderr
+            .trim_end()
+            .ends_with("hpcvm: error: no command given; see 'hpcvm --help'"),
+        "{}",
+        r.stderr
+    );
+}
+
+#[test]
+fn an_option_key_given_twice_is_refused() {
+    assert_fails(
+        &run_hello(&["--memory", "256M,hugepages=2M,hugepages=none"]),
+        CONFIG,
+        "hugepages given twice",
+    );
+    assert_fails(
+        &run_hello(&["--memory", "65537K"]),
+        CONFIG,
+        "65537K is not a multiple of the 4K page size",
+    );
 }
 
 #[test]
@@ -191,4 +229,110 @@ fn a_job_without_a_built_guest_says_how_to_build_one() {
 fn initramfs_and_a_job_do_not_mix() {
     let r = hpcvm(&["run", "--initramfs", "/x", "--", "true"]);
     assert_fails(&r, CONFIG, "--initramfs cannot be combined with -- CMD");
+}
+
+/// `hello.elf` with `patch` applied to its bytes, as a file of its own.
+fn patched_hello(name: &str, patch: impl FnOnce(&mut Vec<u8>)) -> std::path::PathBuf {
+    let mut bytes = std::fs::read(guest("hello")).unwrap();
+    patch(&mut bytes);
+    temp(name, &bytes)
+}
+
+/// The first PT_LOAD program header's offset in an ELF64 file.
+fn first_load(bytes: &[u8]) -> usize {
+    let phoff = u64::from_le_bytes(bytes[32..40].try_into().unwrap()) as usize;
+    let phnum = u16::from_le_bytes([bytes[56], bytes[57]]) as usize;
+    (0..phnum)
+        .map(|i| phoff + 56 * i)
+        .find(|&p| u32::from_le_bytes(bytes[p..p + 4].try_into().unwrap()) == 1)
+        .unwrap()
+}
+
+/// A change to a kernel file's bytes.
+type Patch = Box<dyn FnOnce(&mut Vec<u8>)>;
+
+#[test]
+fn kernels_the_loader_cannot_place_are_refused_before_they_run() {
+    let set_u64 =
+        |b: &mut Vec<u8>, at: usize, v: u64| b[at..at + 8].copy_from_slice(&v.to_le_bytes());
+    let cases: Vec<(&str, Patch, &str)> = vec![
+        (
+            "phnum0",
+            Box::new(|b| b[56..58].copy_from_slice(&[0, 0])),
+            "no program headers",
+        ),
+        (
+            "aarch64",
+            Box::new(|b| b[18..20].copy_from_slice(&183u16.to_le_bytes())),
+            "machine 183 (aarch64), not x86-64",
+        ),
+        ("class32", Box::new(|b| b[4] = 1), "32-bit ELF"),
+        (
+            "past4g",
+            Box::new(move |b| {
+                let p = first_load(b);
+                set_u64(b, p + 24, 5 << 30);
+            }),
+            "lies outside guest RAM",
+        ),
+        (
+            "hole",
+            Box::new(move |b| {
+                let p = first_load(b);
+                set_u64(b, p + 24, 0xfec0_0000);
+            }),
+            "lies outside guest RAM",
+        ),
+        (
+            "huge",
+            Box::new(move |b| {
+                let p = first_load(b);
+                set_u64(b, p + 40, 1 << 30);
+            }),
+            "lies outside guest RAM (256 MiB",
+        ),
+        (
+            "wrap",
+            Box::new(move |b| {
+                let p = first_load(b);
+                set_u64(b, p + 24, u64::MAX - 0xf);
+            }),
+            "wraps around",
+        ),
+        (
+            "bootdata",
+            Box::new(move |b| {
+                let p = first_load(b);
+                set_u64(b, p + 24, 0x7000);
+            }),
+            "below 1 MiB, over hpcvm's boot data",
+        ),
+    ];
+    for (name, patch, message) in cases {
+        let k = patched_hello(name, patch);
+        let r = hpcvm(&["run", "--memory", "256M", "--kernel", k.to_str().unwrap()]);
+        std::fs::remove_file(&k).unwrap();
+        assert_fails(&r, IMAGE, message);
+    }
+}
+
+#[test]
+fn a_kernel_or_initramfs_that_is_a_fifo_is_refused_without_waiting() {
+    let fifo = std::env::temp_dir().join(format!("hpcvm-err-{}-fifo", std::process::id()));
+    let _ = std::fs::remove_file(&fifo);
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo with a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let r = hpcvm(&["run", "--kernel", fifo.to_str().unwrap()]);
+    let hello = guest("hello");
+    let r2 = hpcvm(&[
+        "run",
+        "--kernel",
+        hello.to_str().unwrap(),
+        "--initramfs",
+        fifo.to_str().unwrap(),
+    ]);
+    std::fs::remove_file(&fifo).unwrap();
+    assert_fails(&r, IMAGE, "not a regular file (a FIFO)");
+    assert_fails(&r2, IMAGE, "not a regular file (a FIFO)");
 }

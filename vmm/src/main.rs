@@ -533,17 +533,71 @@ fn doctor(args: DoctorArgs) -> u8 {
 }
 
 fn main() -> ExitCode {
+    // First thing: a SIGTERM while hpcvm starts must reach the control loop (as a
+    // shutdown), not end the process before it can write a status or clean up.
+    let _ = vmm::control::signals::block_stop_signals();
     let cli = match Cli::try_parse() {
         Ok(c) => c,
-        Err(e) => {
+        Err(e) if !e.use_stderr() => {
+            // --help, --version.
             let _ = e.print();
-            return ExitCode::from(if e.use_stderr() { exit_code::USAGE } else { 0 });
+            return ExitCode::from(0);
+        }
+        Err(e) => {
+            eprintln!("{}", usage_error(&e));
+            return ExitCode::from(exit_code::USAGE);
         }
     };
+    if !matches!(cli.command, Command::Run(_)) {
+        let _ = vmm::control::signals::unblock_stop_signals();
+    }
     ExitCode::from(match cli.command {
         Command::Run(args) => run(*args),
         Command::Ctl(args) => ctl(args),
         Command::Sriov(args) => sriov(args.action),
         Command::Doctor(args) => doctor(args),
     })
+}
+
+/// A usage error as hpcvm says it: clap's usage line, then one `hpcvm: error:` line
+/// with what is wrong and where help is (clap's own tips assume `--` ends options,
+/// which for hpcvm starts the guest command).
+fn usage_error(e: &clap::Error) -> String {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    let text = e.render().to_string();
+    let usage = text
+        .lines()
+        .find(|l| l.starts_with("Usage: "))
+        .unwrap_or("Usage: hpcvm <COMMAND>");
+    // "hpcvm run", "hpcvm ctl": the words before the first option or placeholder.
+    let command = usage
+        .trim_start_matches("Usage: ")
+        .split(' ')
+        .take_while(|w| !w.starts_with(['-', '[', '<']))
+        .collect::<Vec<_>>()
+        .join(" ");
+    if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+        return format!(
+            "{}\nhpcvm: error: no command given; see '{command} --help'",
+            text.trim_end()
+        );
+    }
+    let what = text
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .trim_start_matches("error: ");
+    let mut tips = String::new();
+    for line in text.lines().map(str::trim) {
+        if let Some(t) = line.strip_prefix("tip: a similar") {
+            tips.push_str(&format!(" (a similar{t})"));
+        }
+    }
+    if let Some(ContextValue::String(arg)) = e.get(ContextKind::InvalidArg) {
+        let mut c = arg.chars();
+        if c.next() == Some('-') && c.next().is_some_and(|d| d.is_ascii_digit() || d == '.') {
+            tips.push_str(" (a value that starts with '-' goes after '=': --OPTION=VALUE)");
+        }
+    }
+    format!("{usage}\nhpcvm: error: {what}{tips}; see '{command} --help'")
 }

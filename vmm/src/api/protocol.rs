@@ -65,6 +65,13 @@ pub fn parse_request(line: &[u8]) -> Result<Request, BadRequest> {
         return Err(bad(&Value::Null, "a request must be a JSON object".into()));
     };
     let id = obj.get("id").cloned().unwrap_or(Value::Null);
+    // serde_json keeps the last of repeated keys: {"cmd":"status","cmd":"destroy"}
+    // would destroy. A repeated key is an error instead.
+    if let Err(e) = serde_json::from_slice::<UniqueKeys>(line) {
+        let e = e.to_string();
+        let what = e.rsplit_once(" at line ").map_or(e.as_str(), |(w, _)| w);
+        return Err(bad(&id, what.to_string()));
+    }
     let cmd = match obj.get("cmd") {
         Some(Value::String(s)) => s.as_str(),
         Some(other) => return Err(bad(&id, format!("\"cmd\" must be a string, not {other}"))),
@@ -95,6 +102,39 @@ pub fn parse_request(line: &[u8]) -> Result<Request, BadRequest> {
         return Err(bad(&id, format!("unknown field {:?}", truncate(k, 64))));
     }
     Ok(Request { id, command })
+}
+
+/// A JSON object read only to check that no key is repeated.
+struct UniqueKeys;
+
+impl<'de> serde::Deserialize<'de> for UniqueKeys {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Keys;
+        impl<'de> serde::de::Visitor<'de> for Keys {
+            type Value = UniqueKeys;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<UniqueKeys, A::Error> {
+                let mut seen: Vec<String> = Vec::new();
+                while let Some(k) = map.next_key::<String>()? {
+                    map.next_value::<serde::de::IgnoredAny>()?;
+                    if seen.contains(&k) {
+                        return Err(serde::de::Error::custom(format!(
+                            "field {:?} given twice",
+                            truncate(&k, 64)
+                        )));
+                    }
+                    seen.push(k);
+                }
+                Ok(UniqueKeys)
+            }
+        }
+        d.deserialize_map(Keys)
+    }
 }
 
 fn parse_timeout(obj: &Map<String, Value>) -> Result<Option<f64>, String> {
@@ -200,6 +240,14 @@ mod tests {
         );
         assert!(err(r#"{"cmd":"shutdown","timeout_s":-1}"#).contains("from 0 to 86400"));
         assert!(err(r#"{"cmd":"shutdown","timeout_s":"10"}"#).contains("must be a number"));
+        assert_eq!(
+            err(r#"{"cmd":"status","cmd":"destroy"}"#),
+            "field \"cmd\" given twice"
+        );
+        assert!(
+            err(r#"{"id":1,"cmd":"shutdown","timeout_s":1,"timeout_s":0}"#)
+                .starts_with("field \"timeout_s\" given twice")
+        );
         let bad = parse_request(br#"{"id":9,"cmd":"nope"}"#).unwrap_err();
         assert_eq!(bad.id, json!(9), "id echoed on errors when readable");
     }

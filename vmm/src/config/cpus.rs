@@ -69,6 +69,7 @@ fn parse(s: &str) -> Result<CpusConfig, String> {
     let mut affinity_src: Option<String> = None;
     let mut in_affinity = false;
     let mut in_brackets = false;
+    let mut keys = super::Keys::default();
 
     for (i, tok) in s.split(',').map(str::trim).enumerate() {
         if in_affinity && (in_brackets || !tok.contains('=')) {
@@ -82,6 +83,15 @@ fn parse(s: &str) -> Result<CpusConfig, String> {
             continue;
         }
         in_affinity = false;
+        let key = match tok.split_once('=') {
+            None if i == 0 => "boot",
+            Some(("boot", _)) => "boot",
+            Some(("topology", _)) => "topology",
+            _ => "",
+        };
+        if !key.is_empty() {
+            keys.once(key)?;
+        }
         match tok.split_once('=') {
             None if i == 0 => count = Some(parse_count(tok)?),
             None => return Err(format!("'{tok}' is not a key=value item")),
@@ -313,6 +323,13 @@ mod tests {
         assert!(err("2,affinity=0@1,2@2").contains("names vCPU 2, but there are only 2"));
         assert!(err("2,affinity=3-1").contains("runs backwards"));
         assert!(err("1,affinity=x").contains("'x' is not a host CPU number"));
+    }
+
+    #[test]
+    fn a_key_given_twice_is_refused_not_overridden() {
+        assert!(err("2,boot=4").contains("boot given twice"));
+        assert!(err("2,topology=1:2:1,topology=2:1:1").contains("topology given twice"));
+        assert!(err("2,3").contains("not a key=value item"));
     }
 
     #[test]

@@ -60,10 +60,20 @@ impl FromStr for DiskConfig {
             direct: false,
             root_image: false,
         };
+        let mut keys = super::Keys::default();
         for p in parts {
             let (k, v) = p
                 .split_once('=')
                 .ok_or_else(|| bad(format!("'{p}' is not KEY=VALUE")))?;
+            let key = match k {
+                "readonly" | "ro" => "readonly",
+                "direct" => "direct",
+                "serial" => "serial",
+                _ => "",
+            };
+            if !key.is_empty() {
+                keys.once(key).map_err(bad)?;
+            }
             match k {
                 "readonly" | "ro" => d.read_only = on_off(k, v).map_err(bad)?,
                 "direct" => d.direct = on_off(k, v).map_err(bad)?,
@@ -115,5 +125,7 @@ mod tests {
         assert!(err("a.img,serial=123456789012345678901").contains("1-20 printable"));
         assert!(err("a.img,serial=hpcvm-image").contains("reserved"));
         assert!(err("a.img,ro").contains("not KEY=VALUE"));
+        assert!(err("a.img,readonly=on,ro=off").contains("readonly given twice"));
+        assert!(err("a.img,serial=a,serial=b").contains("serial given twice"));
     }
 }

@@ -82,7 +82,18 @@ impl std::str::FromStr for MemoryConfig {
 fn parse(s: &str) -> Result<MemoryConfig, String> {
     let mut cfg = MemoryConfig::default();
     let mut size = None;
+    let mut keys = super::Keys::default();
     for (i, tok) in s.split(',').map(str::trim).enumerate() {
+        let key = match tok.split_once('=') {
+            None if i == 0 => "size",
+            Some(("size", _)) => "size",
+            Some(("hugepages", _)) => "hugepages",
+            Some(("prefault", _)) => "prefault",
+            _ => "",
+        };
+        if !key.is_empty() {
+            keys.once(key)?;
+        }
         match tok.split_once('=') {
             None if i == 0 => size = Some(parse_size(tok)?),
             None => return Err(format!("'{tok}' is not a key=value item")),
@@ -126,7 +137,7 @@ fn parse(s: &str) -> Result<MemoryConfig, String> {
         return Err(format!(
             "{} is not a multiple of the {} page size",
             fmt_size(cfg.size),
-            cfg.hugepages.name()
+            fmt_size(page)
         ));
     }
     Ok(cfg)
@@ -218,6 +229,15 @@ mod tests {
     fn size_must_be_a_multiple_of_the_page_size() {
         assert!(err("1025M,hugepages=2M").contains("1025M is not a multiple of the 2M page size"));
         assert!(err("1536M,hugepages=1G").contains("not a multiple of the 1G page size"));
+    }
+
+    #[test]
+    fn a_key_given_twice_is_refused_not_overridden() {
+        assert!(err("256M,hugepages=2M,hugepages=none").contains("hugepages given twice"));
+        assert!(err("256M,size=512M").contains("size given twice"));
+        assert!(err("256M,prefault=on,prefault=off").contains("prefault given twice"));
+        assert!(err("65537K").contains("65537K is not a multiple of the 4K page size"));
+        assert!(err("65537K,hugepages=thp").contains("of the 4K page size"));
     }
 
     #[test]

@@ -65,6 +65,22 @@ pub enum ConfigError {
     },
 }
 
+/// Keys already given in one option string: a key given twice is refused, never
+/// "the last one wins" (`hugepages=2M,hugepages=none` is a mistake, not a choice).
+#[derive(Default)]
+struct Keys(Vec<&'static str>);
+
+impl Keys {
+    /// Records `key` (aliases share one name); an error if it was given before.
+    fn once(&mut self, key: &'static str) -> Result<(), String> {
+        if self.0.contains(&key) {
+            return Err(format!("{key} given twice"));
+        }
+        self.0.push(key);
+        Ok(())
+    }
+}
+
 /// An `on`/`off` option value (also `true`/`false`, `1`/`0`) of option `key`.
 fn on_off(key: &str, v: &str) -> Result<bool, String> {
     match v {

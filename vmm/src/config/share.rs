@@ -59,9 +59,13 @@ impl FromStr for ShareConfig {
             )));
         }
         let mut read_only = false;
+        let mut keys = super::Keys::default();
         for p in parts {
             match p.split_once('=') {
-                Some((k @ ("readonly" | "ro"), v)) => read_only = on_off(k, v).map_err(bad)?,
+                Some((k @ ("readonly" | "ro"), v)) => {
+                    keys.once("readonly").map_err(bad)?;
+                    read_only = on_off(k, v).map_err(bad)?;
+                }
                 _ => return Err(bad(format!("unknown option '{p}' (readonly=on|off)"))),
             }
         }
@@ -98,5 +102,6 @@ mod tests {
         );
         assert!(err("/a,cache=none").contains("unknown option 'cache=none'"));
         assert!(err(":/x").contains("no host directory"));
+        assert!(err("/a,readonly=on,ro=off").contains("readonly given twice"));
     }
 }
