@@ -238,3 +238,86 @@ fn sigterm_reaches_the_job_and_its_status_is_hpcvms() {
         "within the grace period"
     );
 }
+
+/// The sha256 of `path`, by the host's `sha256sum`.
+fn sha256_of(path: &std::path::Path) -> String {
+    let out = std::process::Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// `len` bytes that do not compress or repeat (xorshift).
+fn write_noise(path: &std::path::Path, len: usize) {
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let mut v = Vec::with_capacity(len);
+    while v.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v.truncate(len);
+    std::fs::write(path, v).unwrap();
+}
+
+#[test]
+fn job_files_that_cannot_unpack_are_refused_and_those_that_can_arrive_whole() {
+    // The archive stays in guest RAM while the kernel unpacks it into a tmpfs of
+    // half the RAM left: 100 MiB cannot fit in 256 MiB; refused before boot.
+    let big = temp("big.dat");
+    std::fs::File::create(&big)
+        .unwrap()
+        .set_len(100 << 20)
+        .unwrap();
+    let spec = format!("{}:/big.dat", big.display());
+    let r = run_hpcvm(
+        &[
+            "run",
+            "--memory",
+            "256M",
+            "--file",
+            &spec,
+            "--",
+            "sha256sum",
+            "/big.dat",
+        ],
+        JOB_TIMEOUT,
+    );
+    std::fs::remove_file(&big).unwrap();
+    assert_eq!(r.code, Some(161), "stderr: {}", r.stderr);
+    assert!(
+        r.stderr.contains("MiB initramfs, which needs at least")
+            && r.stderr.contains("(the guest has 256 MiB)"),
+        "{}",
+        r.stderr
+    );
+    assert!(r.stdout.is_empty(), "no job ran: {}", r.stdout);
+    // 64 MiB fits: every byte arrives (hpcvm once ran the job on a file that was
+    // zeros past ~25 MiB).
+    let fits = temp("fits.dat");
+    write_noise(&fits, 64 << 20);
+    let want = sha256_of(&fits);
+    let spec = format!("{}:/fits.dat", fits.display());
+    let r = run_hpcvm(
+        &[
+            "run",
+            "--memory",
+            "256M",
+            "--file",
+            &spec,
+            "--",
+            "sha256sum",
+            "/fits.dat",
+        ],
+        JOB_TIMEOUT,
+    );
+    std::fs::remove_file(&fits).unwrap();
+    assert_eq!(r.code, Some(0), "stderr: {}", r.stderr);
+    assert_eq!(r.stdout, format!("{want}  /fits.dat\n"));
+}

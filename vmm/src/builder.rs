@@ -280,6 +280,31 @@ fn job_initramfs(job: &JobConfig) -> Result<File, Error> {
     Ok(file)
 }
 
+/// Guest RAM the guest kernel takes before the initramfs is unpacked.
+const JOB_RAM_RESERVE: u64 = 32 << 20;
+
+/// A job initramfs must unpack whole, and the guest kernel unpacks it into a tmpfs
+/// that may grow to half of the RAM free at that point, while the archive itself
+/// still takes its size: the files fit if 3 x archive + the kernel's share is at
+/// most guest RAM (measured: a 256 MiB guest gives the root tmpfs 89 MiB beside a
+/// 60 MiB archive). Refuse one that cannot fit rather than let the guest unpack part
+/// of it (the agent refuses such a job too, in case this estimate is short).
+fn check_initramfs_fits(initramfs: &File, ram: u64) -> Result<(), Error> {
+    let size = initramfs
+        .metadata()
+        .map_err(io_err("the initramfs memfd"))?
+        .len();
+    let needed = size.saturating_mul(3).saturating_add(JOB_RAM_RESERVE);
+    if needed > ram {
+        return Err(Error::Boot(boot::BootError::JobFilesTooBig {
+            size,
+            needed: needed.next_multiple_of(1 << 20),
+            ram,
+        }));
+    }
+    Ok(())
+}
+
 /// Guest RAM with the kernel, initramfs and boot structures in it.
 fn prepare_memory(
     config: &VmConfig,
@@ -298,6 +323,7 @@ fn prepare_memory(
     let (kernel, _initramfs_memfd) = match &config.job {
         Some(job) => {
             let fd = job_initramfs(job)?;
+            check_initramfs_fits(&fd, ram)?;
             let mut k = config.kernel.clone();
             k.initramfs = Some(PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd())));
             (k, Some(fd))

@@ -130,6 +130,15 @@ pub struct JobError {
     pub status: u8,
 }
 
+/// The last entry of the job initramfs. The kernel stops unpacking at its first
+/// error (guest RAM full: "Initramfs unpacking failed: write error"), so without
+/// it some job file is missing or cut short, and the job must not start.
+pub const UNPACKED_MARKER: &str = "/.hpcvm-unpacked";
+
+/// The job initramfs did not unpack whole: hpcvm's exit code 161 (kernel or
+/// initramfs unusable).
+pub const INCOMPLETE_INITRAMFS_STATUS: u8 = 161;
+
 /// The job's working directory is missing or cannot be entered in the guest: a
 /// configuration error (hpcvm's exit code 160), not a command that cannot run.
 pub const BAD_WORKDIR_STATUS: u8 = 160;

@@ -153,6 +153,18 @@ fn serve(mut ch: File, in_vm: bool) -> io::Result<()> {
     send(&mut ch, kind::READY, env!("CARGO_PKG_VERSION").as_bytes())?;
     let mut dec = Decoder::default();
     let spec = receive_spec(&mut ch, &mut dec)?;
+    if in_vm && !Path::new(hpcvm_agent::UNPACKED_MARKER).exists() {
+        return report(
+            &mut ch,
+            Err(JobError {
+                error: "the job's files did not all unpack into guest RAM (the kernel said \
+                        \"Initramfs unpacking failed\"): give the guest more --memory, or \
+                        pass big files with --share or --disk"
+                    .into(),
+                status: hpcvm_agent::INCOMPLETE_INITRAMFS_STATUS,
+            }),
+        );
+    }
     if let Some(root) = &spec.root {
         if let Err(err) = rootfs::enter_image(root, in_vm) {
             return report(&mut ch, Err(err));

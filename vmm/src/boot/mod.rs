@@ -53,6 +53,16 @@ pub enum BootError {
         source: std::io::Error,
     },
     /// The initramfs does not fit in guest RAM beside the kernel.
+    #[error("The job's files make a {} MiB initramfs, which needs at least {} MiB of guest RAM to unpack (the guest has {} MiB): give it more --memory, or pass big files with --share or --disk", .size >> 20, .needed >> 20, .ram >> 20)]
+    JobFilesTooBig {
+        /// The archive's size.
+        size: u64,
+        /// Guest RAM it needs.
+        needed: u64,
+        /// Guest RAM there is.
+        ram: u64,
+    },
+    /// The initramfs does not fit in guest RAM beside the kernel.
     #[error("Initramfs {path} ({size} bytes) does not fit in guest RAM below {limit:#x} after the kernel (ends at {kernel_end:#x}); give the guest more memory")]
     InitramfsTooBig {
         /// The file.
