@@ -18,6 +18,7 @@ const GUESTS: &[(&str, &str, &[&str])] = &[
     ("smp", "smp.S", &[]),
     ("shutdown-aware", "shutdown-aware.S", &[]),
     ("ticker", "ticker.S", &[]),
+    ("flood", "flood.S", &[]),
     ("pci", "pci.S", &[]),
     // Not a guest of its own: the protected-mode part of bootinfo.bzimage.
     (

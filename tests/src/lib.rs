@@ -24,6 +24,7 @@ pub const GUESTS: &[&str] = &[
     "smp",
     "shutdown-aware",
     "ticker",
+    "flood",
 ];
 
 /// The guests that carry a PVH (XEN_ELFNOTE_PHYS32_ENTRY) note.
@@ -36,6 +37,7 @@ pub const PVH_GUESTS: &[&str] = &[
     "smp",
     "shutdown-aware",
     "ticker",
+    "flood",
 ];
 
 /// Guest images that are not `<name>.elf` files, by file name: the bzImage

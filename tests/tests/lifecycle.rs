@@ -475,3 +475,78 @@ fn a_sigterm_while_hpcvm_starts_is_a_shutdown_not_a_bare_143() {
     assert!(matches!(code, Some(167 | 168)), "{code:?}: {err}");
     assert!(record.contains("\"exit_code\""), "status file: {record:?}");
 }
+
+/// Starts `hpcvm run --kernel flood.elf EXTRA` with its stdout on a pipe that nobody
+/// reads; returns the child, its stderr and the unread pipe (kept open).
+fn flood_into_unread_pipe(extra: &[&str]) -> (std::process::Child, std::fs::File) {
+    use std::os::fd::FromRawFd;
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills the two descriptors it is given room for.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    // SAFETY: both descriptors are new and owned here.
+    let (r, w) = unsafe {
+        (
+            std::fs::File::from_raw_fd(fds[0]),
+            std::os::fd::OwnedFd::from_raw_fd(fds[1]),
+        )
+    };
+    let flood = guest("flood");
+    let child = std::process::Command::new(hpcvm_tests::proc::hpcvm_bin())
+        .args([
+            "run",
+            "--kernel",
+            flood.to_str().unwrap(),
+            "--memory",
+            "32M",
+        ])
+        .args(extra)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::from(w))
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    (child, r)
+}
+
+/// Waits up to `limit` for `child` to exit; its code and stderr.
+fn exit_within(child: &mut std::process::Child, limit: Duration) -> (Option<i32>, String) {
+    use std::io::Read;
+    let start = Instant::now();
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            let mut err = String::new();
+            let _ = child.stderr.take().unwrap().read_to_string(&mut err);
+            return (st.code(), err);
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("hpcvm did not exit within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn a_stdout_nobody_reads_never_wedges_pause_destroy_or_sigterm() {
+    let sock = socket_path("flood");
+    let (mut child, _unread) = flood_into_unread_pipe(&["--api-socket", sock.to_str().unwrap()]);
+    // Long enough to fill the pipe and the output buffer many times over.
+    std::thread::sleep(Duration::from_secs(2));
+    for cmd in ["pause", "resume", "status"] {
+        let r = ctl(&sock, &[cmd]);
+        assert_eq!(r.code, Some(0), "{cmd}: {} {}", r.stdout, r.stderr);
+    }
+    let r = ctl(&sock, &["destroy"]);
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    let (code, err) = exit_within(&mut child, Duration::from_secs(10));
+    assert_eq!(code, Some(169), "{err}");
+    assert!(err.contains("bytes of guest output were dropped"), "{err}");
+    assert!(!sock.exists(), "socket file removed");
+    // SIGTERM: the flood ignores Ctrl-Alt-Del, so the grace period ends it.
+    let (mut child, _unread) = flood_into_unread_pipe(&["--grace-period", "1"]);
+    std::thread::sleep(Duration::from_secs(1));
+    signal(child.id(), libc::SIGTERM);
+    let (code, err) = exit_within(&mut child, Duration::from_secs(10));
+    assert_eq!(code, Some(168), "{err}");
+}

@@ -20,6 +20,7 @@ use crate::config::{JobConfig, ShareConfig};
 pub const STDOUT_PORT: &str = "hpcvm.stdout";
 /// The virtio-console port that carries the job's stderr.
 pub const STDERR_PORT: &str = "hpcvm.stderr";
+use crate::output::Output;
 use crate::vstate::cpuid;
 
 /// What the agent is told to run for `job`: its argv, environment and working
@@ -84,17 +85,22 @@ pub struct JobReport {
 pub struct AgentLink {
     job: JobSpec,
     verbose: bool,
+    /// Where relayed job output goes (hpcvm's stdout and stderr); written
+    /// directly without.
+    outputs: Option<(Output, Output)>,
     report: Mutex<JobReport>,
     to_guest: Mutex<Vec<u8>>,
     held_signals: Mutex<Vec<u8>>,
 }
 
 impl AgentLink {
-    /// A link that will hand `job` to the agent once it is up.
-    pub fn new(job: JobSpec, verbose: bool) -> Arc<Self> {
+    /// A link that will hand `job` to the agent once it is up; output the agent
+    /// relays (when the guest has no console ports) goes to `outputs`.
+    pub fn new(job: JobSpec, verbose: bool, outputs: Option<(Output, Output)>) -> Arc<Self> {
         Arc::new(Self {
             job,
             verbose,
+            outputs,
             report: Mutex::new(JobReport::default()),
             to_guest: Mutex::new(Vec::new()),
             held_signals: Mutex::new(Vec::new()),
@@ -127,8 +133,14 @@ impl AgentLink {
                     out.extend(frame(kind::SIGNAL, &[sig]));
                 }
             }
-            kind::STDOUT => write_fd(io::stdout().as_fd(), payload),
-            kind::STDERR => write_fd(io::stderr().as_fd(), payload),
+            kind::STDOUT => match &self.outputs {
+                Some((out, _)) => out.write(payload),
+                None => write_fd(io::stdout().as_fd(), payload),
+            },
+            kind::STDERR => match &self.outputs {
+                Some((_, err)) => err.write(payload),
+                None => write_fd(io::stderr().as_fd(), payload),
+            },
             kind::EXIT => {
                 let parsed = serde_json::from_slice::<JobExit>(payload);
                 let mut r = lock(&self.report);
@@ -249,7 +261,7 @@ mod tests {
             root: None,
             mounts: Vec::new(),
         };
-        let link = AgentLink::new(job, false);
+        let link = AgentLink::new(job, false, None);
         let irq = devices::EventFdTrigger::new(EventFd::new(EFD_NONBLOCK).unwrap());
         (AgentPort::new(irq, link.clone()), link)
     }

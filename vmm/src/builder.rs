@@ -7,6 +7,7 @@ use std::os::fd::{AsFd, AsRawFd};
 use std::path::PathBuf;
 use std::rc::Rc;
 use std::sync::Arc;
+use std::time::Duration;
 
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -21,6 +22,7 @@ use crate::control::{self, signals::StopSignals, Controller, LoopInputs, Outcome
 use crate::host;
 use crate::legacy::LegacyDevices;
 use crate::memory;
+use crate::output;
 use crate::pci::{Passthrough, PciBus, VirtioSlot};
 use crate::vfio::{self, host::HostPaths};
 use crate::virtio::{self, VirtioThread};
@@ -60,6 +62,12 @@ pub fn run_with(config: &VmConfig, extra: Vec<Passthrough>) -> Result<Outcome, E
     // Before any thread exists, so that SIGTERM/SIGINT only reach the control loop.
     control::signals::block_stop_signals().map_err(io_err("blocking SIGTERM/SIGINT"))?;
     let signals = StopSignals::new().map_err(io_err("the signalfd"))?;
+    // Guest output from vCPU threads goes through bounded buffers: a full pipe
+    // must never block a vCPU.
+    let (stdout, stdout_thread) = output::start(dup_fd(std::io::stdout().as_fd())?, "stdout")
+        .map_err(io_err("the stdout thread"))?;
+    let (stderr, stderr_thread) = output::start(dup_fd(std::io::stderr().as_fd())?, "stderr")
+        .map_err(io_err("the stderr thread"))?;
     let api = config
         .control
         .api_socket
@@ -86,12 +94,13 @@ pub fn run_with(config: &VmConfig, extra: Vec<Passthrough>) -> Result<Outcome, E
         AgentLink::new(
             agent::job_spec(job, &config.shares, software_kvm),
             config.verbose,
+            Some((stdout.clone(), stderr.clone())),
         )
     });
     // A guest that is not running a job (a plain kernel, or an image's own init)
     // talks on its console.
     let show_console = config.verbose || config.job.as_ref().is_none_or(|j| j.argv.is_empty());
-    let mut legacy = LegacyDevices::new(&vm, show_console, agent.clone())?;
+    let mut legacy = LegacyDevices::new(&vm, show_console.then_some(stdout), agent.clone())?;
     let mut mmio = MmioBus::mmio();
     let mut passthrough = vfio::open(&vm.fd, &host_devices)?;
     passthrough.extend(extra);
@@ -198,6 +207,21 @@ pub fn run_with(config: &VmConfig, extra: Vec<Passthrough>) -> Result<Outcome, E
         t.stop();
     }
     let _ = legacy.console.lock().map(|mut c| c.flush());
+    // Output still buffered goes out while the reader takes it; after a destroy,
+    // or from a reader that stopped reading, it is dropped and counted.
+    let stall = match outcome {
+        Some(Outcome::Destroyed { .. } | Outcome::DestroyedAfterGrace { .. }) => {
+            Duration::from_millis(500)
+        }
+        _ => Duration::from_secs(5),
+    };
+    let dropped = stdout_thread.finish(stall) + stderr_thread.finish(stall);
+    if dropped > 0 {
+        eprintln!(
+            "hpcvm: warning: {dropped} bytes of guest output were dropped: hpcvm's stdout \
+             or stderr did not take them (a full pipe nobody reads)"
+        );
+    }
     // Devices out of the guest and guest RAM out of the IOMMU before the VM and its
     // memory go.
     drop(virtio_thread);
@@ -278,6 +302,12 @@ fn job_initramfs(job: &JobConfig) -> Result<File, Error> {
             })
         })?;
     Ok(file)
+}
+
+/// A descriptor of hpcvm's own for `fd` (stdout, stderr).
+fn dup_fd(fd: std::os::fd::BorrowedFd<'_>) -> Result<std::os::fd::OwnedFd, Error> {
+    fd.try_clone_to_owned()
+        .map_err(io_err("a copy of stdout/stderr"))
 }
 
 /// Guest RAM the guest kernel takes before the initramfs is unpacked.

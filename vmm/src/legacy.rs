@@ -3,7 +3,6 @@
 //! command ends the guest.
 
 use std::io::{self, Write};
-use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -14,6 +13,7 @@ use devices::{EventFdTrigger, PioBus};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::agent::{AgentLink, AgentPort};
+use crate::output::Output;
 use crate::vstate::Vm;
 use crate::Error;
 
@@ -35,16 +35,19 @@ pub struct LegacyDevices {
 }
 
 impl LegacyDevices {
-    /// Creates COM1 (output to this process's stdout, or dropped when `console` is
-    /// false), the i8042 and, for a job, COM2 as the agent channel on `vm`.
-    pub fn new(vm: &Vm, console: bool, agent: Option<Arc<AgentLink>>) -> Result<Self, Error> {
+    /// Creates COM1 (output to `console`, hpcvm's stdout, or dropped without one),
+    /// the i8042 and, for a job, COM2 as the agent channel on `vm`.
+    pub fn new(
+        vm: &Vm,
+        console: Option<Output>,
+        agent: Option<Arc<AgentLink>>,
+    ) -> Result<Self, Error> {
         let io_err = |what| move |source| Error::Io { what, source };
         let irq = EventFd::new(EFD_NONBLOCK).map_err(io_err("the COM1 interrupt eventfd"))?;
         vm.register_irqfd(&irq, COM1_IRQ)?;
-        let out: Box<dyn Write + Send> = if console {
-            Box::new(RawStdout::new().map_err(io_err("stdout for the console"))?)
-        } else {
-            Box::new(io::sink())
+        let out: Box<dyn Write + Send> = match console {
+            Some(out) => Box::new(out),
+            None => Box::new(io::sink()),
         };
         let panicked = Arc::new(AtomicBool::new(false));
         let out = Box::new(PanicWatch::new(out, panicked.clone()));
@@ -127,32 +130,13 @@ impl PanicWatch {
 impl Write for PanicWatch {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         self.scan(buf);
-        // A closed stdout must not stop the guest: the bytes are dropped.
+        // Never blocks (an Output); a closed stdout drops the bytes.
         let _ = self.inner.write_all(buf);
         Ok(buf.len())
     }
 
     fn flush(&mut self) -> io::Result<()> {
         self.inner.flush()
-    }
-}
-
-/// Unbuffered stdout: each guest byte is visible at once (prompts have no newline).
-struct RawStdout(std::fs::File);
-
-impl RawStdout {
-    fn new() -> io::Result<Self> {
-        Ok(Self(io::stdout().as_fd().try_clone_to_owned()?.into()))
-    }
-}
-
-impl Write for RawStdout {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.write(buf)
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
     }
 }
 

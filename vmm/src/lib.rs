@@ -2,7 +2,7 @@
 //!
 //! The data path, one module each: [`config`] (what was asked) -> [`memory`] (guest RAM)
 //! -> [`vstate`] (KVM VM and vCPUs) -> [`boot`] (kernel and boot structures) ->
-//! [`legacy`] (devices) -> [`control`] (the control loop; [`api`] is its socket) ->
+//! [`legacy`] (devices; their output through [`output`]) -> [`control`] (the control loop; [`api`] is its socket) ->
 //! [`exit_code`] (the status).
 //! [`builder::run`] strings them together.
 
@@ -19,6 +19,7 @@ pub mod exit_code;
 pub mod host;
 pub mod legacy;
 pub mod memory;
+pub mod output;
 pub mod pci;
 pub mod vfio;
 pub mod virtio;

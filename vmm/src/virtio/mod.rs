@@ -93,6 +93,9 @@ impl MutEventSubscriber for Stop {
     }
 }
 
+/// How long [`VirtioThread::stop`] waits for the device thread.
+pub const STOP_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// The thread ("virtio") that serves every device's queues.
 pub struct VirtioThread {
     devices: Vec<Arc<Mutex<VirtioPciDevice>>>,
@@ -136,19 +139,58 @@ impl VirtioThread {
     /// the guest queued before it stopped (the job's last output) is not lost. The
     /// vCPUs must be stopped.
     /// Later calls (the drop after an explicit stop) do nothing.
+    ///
+    /// A device thread stuck in a write to a reader that takes nothing (the job's
+    /// stdout into a full pipe) is left behind after [`STOP_WAIT`], and the final
+    /// pass skipped: the VM must end whatever its output's reader does.
     pub fn stop(&mut self) {
         let Some(t) = self.thread.take() else {
             return;
         };
         let _ = self.stop.write(1);
+        let deadline = std::time::Instant::now() + STOP_WAIT;
+        if !wait_until_finished(&t, deadline) {
+            eprintln!(
+                "hpcvm: warning: the virtio device thread is stuck (stdout not read?); the \
+                 job's last output may be lost"
+            );
+            return;
+        }
         let _ = t.join();
-        for d in &self.devices {
-            let mut d = lock(d);
-            for q in 0..d.queue_count() {
-                d.process(q);
+        // The last pass writes output too, so it runs on a thread of its own that is
+        // left behind like the first if the reader takes nothing.
+        let devices = self.devices.clone();
+        let drain = std::thread::Builder::new()
+            .name("virtio-drain".into())
+            .spawn(move || {
+                for d in &devices {
+                    let mut d = lock(d);
+                    for q in 0..d.queue_count() {
+                        d.process(q);
+                    }
+                }
+            });
+        match drain {
+            Ok(t) if wait_until_finished(&t, deadline) => {
+                let _ = t.join();
             }
+            Ok(_) => eprintln!(
+                "hpcvm: warning: the job's last output could not be written (stdout not read?)"
+            ),
+            Err(e) => eprintln!("hpcvm: warning: the virtio drain thread: {e}"),
         }
     }
+}
+
+/// Waits for `t` to finish, until `deadline`; false if it did not.
+fn wait_until_finished(t: &JoinHandle<()>, deadline: std::time::Instant) -> bool {
+    while !t.is_finished() {
+        if std::time::Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    true
 }
 
 impl Drop for VirtioThread {
