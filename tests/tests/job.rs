@@ -35,6 +35,7 @@ fn pad_job_frame(argv: &[&str], env: &[(&str, &str)], cwd: &str, tail: usize) ->
             agent: PathBuf::new(),
             busybox: None,
             console_stdio: true,
+            stdin: false,
             image: false,
         };
         job_frame(&job_spec(&job, &[], vmm::host::is_software_kvm())).len()
@@ -320,4 +321,39 @@ fn job_files_that_cannot_unpack_are_refused_and_those_that_can_arrive_whole() {
     std::fs::remove_file(&fits).unwrap();
     assert_eq!(r.code, Some(0), "stderr: {}", r.stderr);
     assert_eq!(r.stdout, format!("{want}  /fits.dat\n"));
+}
+
+#[test]
+fn stdin_reaches_the_job_from_a_pipe_or_a_file() {
+    let deck = temp("deck.dat");
+    write_noise(&deck, 3 << 20);
+    let want = sha256_of(&deck);
+    let bin = hpcvm_tests::proc::hpcvm_bin();
+    // A pipe (polled by the device thread), 3 MiB through it, then its end.
+    let piped = format!(
+        "cat '{}' | '{}' run --memory 128M --no-share-cwd -- sha256sum",
+        deck.display(),
+        bin.display()
+    );
+    let r = hpcvm_tests::proc::run_program(
+        std::path::Path::new("/bin/sh"),
+        &["-c", &piped],
+        JOB_TIMEOUT,
+    );
+    assert_eq!(r.code, Some(0), "stderr: {}", r.stderr);
+    assert_eq!(r.stdout, format!("{want}  -\n"));
+    // A file, as a batch script's `< input.dat` gives it.
+    let redirected = format!(
+        "'{}' run --memory 128M --no-share-cwd -- sh -c 'wc -c; echo done' < '{}'",
+        bin.display(),
+        deck.display()
+    );
+    let r = hpcvm_tests::proc::run_program(
+        std::path::Path::new("/bin/sh"),
+        &["-c", &redirected],
+        JOB_TIMEOUT,
+    );
+    std::fs::remove_file(&deck).unwrap();
+    assert_eq!(r.code, Some(0), "stderr: {}", r.stderr);
+    assert_eq!(r.stdout, format!("{}\ndone\n", 3 << 20));
 }

@@ -20,6 +20,8 @@ use crate::config::{JobConfig, ShareConfig};
 pub const STDOUT_PORT: &str = "hpcvm.stdout";
 /// The virtio-console port that carries the job's stderr.
 pub const STDERR_PORT: &str = "hpcvm.stderr";
+/// The virtio-console port that carries hpcvm's stdin to the job.
+pub const STDIN_PORT: &str = "hpcvm.stdin";
 use crate::output::Output;
 use crate::vstate::cpuid;
 
@@ -41,6 +43,7 @@ pub fn job_spec(job: &JobConfig, shares: &[ShareConfig], software_kvm: bool) -> 
         stdio: job.console_stdio.then(|| StdioPorts {
             stdout: STDOUT_PORT.into(),
             stderr: STDERR_PORT.into(),
+            stdin: job.stdin.then(|| STDIN_PORT.into()),
         }),
         root: job.image.then(|| RootImage {
             serial: IMAGE_SERIAL.into(),

@@ -30,7 +30,7 @@ use crate::vstate::topology::{places, VcpuPlace};
 use crate::vstate::vcpu::{install_kick_handler, stop_all, StartGate, Vcpu, VcpuShared};
 use crate::vstate::{cpuid, msr, GuestExit, Vm};
 use crate::Error;
-use devices::virtio::{Console, ConsolePort};
+use devices::virtio::{Console, ConsolePort, InputPort};
 use devices::{MmioBus, PioBus};
 
 /// Builds the VM described by `config`, runs it until it ends, tears it down and
@@ -277,9 +277,16 @@ fn virtio_slots(
                 out: dup(std::io::stderr().as_fd())?,
             },
         ];
+        let input = match config.job.as_ref().is_some_and(|j| j.stdin) {
+            true => Some(InputPort {
+                name: agent::STDIN_PORT.into(),
+                fd: dup(std::io::stdin().as_fd())?,
+            }),
+            false => None,
+        };
         slots.push(VirtioSlot {
             name: "the job console".into(),
-            device: Box::new(Console::new(ports)),
+            device: Box::new(Console::with_input(ports, input)),
         });
     }
     Ok(slots)

@@ -286,6 +286,9 @@ fn config_from(args: RunArgs) -> Result<VmConfig, CliError> {
                 busybox: assets.busybox,
                 console_stdio: true,
                 image: args.image.is_some(),
+                // A terminal stays the console's; anything else (a pipe, a file,
+                // /dev/null) is the job's input, as with `apptainer exec`.
+                stdin: !std::io::IsTerminal::is_terminal(&std::io::stdin()),
             },
         ))
     };

@@ -43,6 +43,50 @@ pub struct ConsolePort {
     pub out: OwnedFd,
 }
 
+/// The input port: what the guest reads from it comes from `fd`.
+pub struct InputPort {
+    /// The name the guest reads in `/sys/class/virtio-ports/vportNpM/name`.
+    pub name: String,
+    /// Where the bytes come from (hpcvm's stdin).
+    pub fd: OwnedFd,
+}
+
+/// Most bytes read from the input fd at once.
+const INPUT_CHUNK: usize = 64 << 10;
+
+/// The input port's state.
+struct Input {
+    name: String,
+    fd: OwnedFd,
+    /// Its port number (after the output ports).
+    port: usize,
+    /// Read from the fd, not yet in a guest buffer.
+    pending: VecDeque<u8>,
+    /// The fd reached its end.
+    eof: bool,
+    /// The port was closed towards the guest (after `eof` and `pending` drained).
+    closed: bool,
+    /// epoll can wait for the fd.
+    pollable: bool,
+    /// The guest has the port open: the driver discards data that arrives before.
+    guest_open: bool,
+}
+
+/// epoll can wait for `fd`: a pipe, socket or terminal; not a regular file or
+/// /dev/null, which are always readable (and which epoll refuses).
+fn pollable(fd: &OwnedFd) -> bool {
+    // SAFETY: stat is plain data, filled by fstat.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fstat and isatty on an fd the caller owns; `st` is valid for writing.
+    let (ok, tty) = unsafe {
+        (
+            libc::fstat(fd.as_raw_fd(), &mut st) == 0,
+            libc::isatty(fd.as_raw_fd()) == 1,
+        )
+    };
+    tty || ok && matches!(st.st_mode & libc::S_IFMT, libc::S_IFIFO | libc::S_IFSOCK)
+}
+
 /// Bytes the guest wrote to each port and what failed, for status reports.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PortStats {
@@ -59,6 +103,16 @@ pub struct Console {
     /// Control messages waiting for a buffer in the control receive queue.
     outbox: VecDeque<Vec<u8>>,
     config: Vec<u8>,
+    input: Option<Input>,
+}
+
+/// The receive queue of port `port`.
+fn rx_of(port: usize) -> usize {
+    if port == 0 {
+        0
+    } else {
+        2 * port + 2
+    }
 }
 
 /// The port whose transmit queue is `queue`, if it is one.
@@ -79,16 +133,121 @@ fn control(id: u32, event: u16, value: u16) -> Vec<u8> {
 }
 
 impl Console {
-    /// A console with `ports` (at least one).
+    /// A console with output `ports` (at least one).
     pub fn new(ports: Vec<ConsolePort>) -> Self {
+        Self::with_input(ports, None)
+    }
+
+    /// A console with output `ports` and an `input` port after them.
+    pub fn with_input(ports: Vec<ConsolePort>, input: Option<InputPort>) -> Self {
+        let count = ports.len() + usize::from(input.is_some());
         let mut config = vec![0u8; 12];
         // cols, rows (unused: no console port), max_nr_ports.
-        config[4..8].copy_from_slice(&(ports.len() as u32).to_le_bytes());
+        config[4..8].copy_from_slice(&(count as u32).to_le_bytes());
+        let input = input.map(|i| Input {
+            pollable: pollable(&i.fd),
+            name: i.name,
+            fd: i.fd,
+            port: ports.len(),
+            pending: VecDeque::new(),
+            eof: false,
+            closed: false,
+            guest_open: false,
+        });
         Self {
             stats: vec![PortStats::default(); ports.len()],
             ports,
             outbox: VecDeque::new(),
             config,
+            input,
+        }
+    }
+
+    fn port_count(&self) -> usize {
+        self.ports.len() + usize::from(self.input.is_some())
+    }
+
+    fn port_name(&self, port: usize) -> Option<&str> {
+        match self.ports.get(port) {
+            Some(p) => Some(&p.name),
+            None => self
+                .input
+                .as_ref()
+                .filter(|i| i.port == port)
+                .map(|i| i.name.as_str()),
+        }
+    }
+
+    /// Reads the input fd once into the bounce buffer (if it is empty).
+    fn read_input(&mut self) {
+        let Some(i) = self.input.as_mut() else {
+            return;
+        };
+        if !i.pending.is_empty() || i.eof {
+            return;
+        }
+        let mut buf = vec![0u8; INPUT_CHUNK];
+        // SAFETY: reads at most buf.len() bytes into buf from an fd this device owns.
+        let n = unsafe { libc::read(i.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        match n {
+            0 => i.eof = true,
+            n if n > 0 => i.pending.extend(&buf[..n as usize]),
+            _ => {
+                let e = io::Error::last_os_error();
+                if !matches!(
+                    e.kind(),
+                    io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock
+                ) {
+                    // A broken stdin ends the job's input like an end of file.
+                    i.eof = true;
+                }
+            }
+        }
+    }
+
+    /// Moves pending input into the driver's receive buffers, one buffer per chain,
+    /// and closes the port once the input has ended and all of it is delivered.
+    fn deliver_input(&mut self, queues: &mut DeviceQueues<'_>) {
+        let Some(i) = self.input.as_mut().filter(|i| i.guest_open) else {
+            return;
+        };
+        let rx = rx_of(i.port);
+        while !i.pending.is_empty() {
+            let pending = &mut i.pending;
+            let took = queues.fill(rx, 1, |mem, chain| {
+                let (a, b) = pending.as_slices();
+                let bytes: Vec<u8> = a.iter().chain(b).take(INPUT_CHUNK).copied().collect();
+                let n = copy_to(mem, &Buffers::of(chain).writable, &bytes);
+                pending.drain(..n as usize);
+                n as u32
+            });
+            if took == 0 {
+                break;
+            }
+        }
+        if i.eof && i.pending.is_empty() && !i.closed {
+            i.closed = true;
+            let port = i.port as u32;
+            self.outbox.push_back(control(port, event::PORT_OPEN, 0));
+            self.flush_outbox(queues);
+        }
+    }
+
+    /// Feeds the guest from the input fd: delivers what is pending, and while
+    /// the driver has buffers, reads more. `once`: read the fd at most once (it said
+    /// it is readable; another read could block).
+    fn pump_input(&mut self, queues: &mut DeviceQueues<'_>, once: bool) {
+        let mut reads = 0;
+        loop {
+            self.deliver_input(queues);
+            let Some(i) = self.input.as_ref().filter(|i| i.guest_open) else {
+                return;
+            };
+            if !i.pending.is_empty() || i.eof || (once && reads > 0) {
+                return;
+            }
+            self.read_input();
+            reads += 1;
         }
     }
 
@@ -107,21 +266,31 @@ impl Console {
         let value = u16::from_le_bytes(msg[6..8].try_into().expect("2 bytes"));
         match ev {
             event::DEVICE_READY if value == 1 => {
-                for p in 0..self.ports.len() {
+                for p in 0..self.port_count() {
                     self.outbox
                         .push_back(control(p as u32, event::DEVICE_ADD, 1));
                 }
             }
             event::PORT_READY if value == 1 => {
-                if let Some(port) = self.ports.get(id as usize) {
+                if let Some(name) = self.port_name(id as usize) {
                     let mut named = control(id, event::PORT_NAME, 1);
-                    named.extend_from_slice(port.name.as_bytes());
+                    named.extend_from_slice(name.as_bytes());
                     self.outbox.push_back(named);
-                    self.outbox.push_back(control(id, event::PORT_OPEN, 1));
+                    let closed = self
+                        .input
+                        .as_ref()
+                        .is_some_and(|i| i.port == id as usize && i.closed);
+                    self.outbox
+                        .push_back(control(id, event::PORT_OPEN, u16::from(!closed)));
                 }
             }
-            // PORT_OPEN from the guest (a program opened the port) and the rest need
-            // nothing from a host side that is always connected.
+            // A program in the guest opened or closed the input port.
+            event::PORT_OPEN => {
+                if let Some(i) = self.input.as_mut().filter(|i| i.port == id as usize) {
+                    i.guest_open = value == 1;
+                }
+            }
+            // The rest need nothing from a host side that is always connected.
             _ => {}
         }
     }
@@ -158,7 +327,7 @@ impl VirtioDevice for Console {
 
     fn queue_max_sizes(&self) -> Vec<u16> {
         // Port 0's pair, the control pair, then a pair per further port.
-        vec![QUEUE_SIZE; 2 * self.ports.len() + 2]
+        vec![QUEUE_SIZE; 2 * self.port_count() + 2]
     }
 
     fn features(&self) -> u64 {
@@ -185,8 +354,23 @@ impl VirtioDevice for Console {
                 self.on_control(&m);
             }
             self.flush_outbox(queues);
+            // The guest may just have opened the input port: feed what waits, and a
+            // file-like input at once (a pipe waits for the device thread's poll).
+            if self.input_fd().is_some() {
+                self.deliver_input(queues);
+            } else {
+                self.pump_input(queues, false);
+            }
         } else if index == CONTROL_RX {
             self.flush_outbox(queues);
+        } else if self.input.as_ref().is_some_and(|i| rx_of(i.port) == index) {
+            // The driver gave buffers for input: fill them. A pollable fd is read
+            // when the device thread sees it readable; others (files, /dev/null) here.
+            if self.input_fd().is_some() {
+                self.deliver_input(queues);
+            } else {
+                self.pump_input(queues, false);
+            }
         } else if let Some(port) = port_of_tx(index) {
             // Written out before the buffer goes back to the driver, which may
             // reuse it at once.
@@ -195,7 +379,24 @@ impl VirtioDevice for Console {
                 0
             });
         }
-        // Receive queues: the host never sends input to a port.
+        // Other receive queues: the host sends no input to output ports.
+    }
+
+    fn input_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.input
+            .as_ref()
+            .filter(|i| i.pollable)
+            .map(|i| i.fd.as_raw_fd())
+    }
+
+    fn wants_input(&self) -> bool {
+        self.input
+            .as_ref()
+            .is_some_and(|i| i.guest_open && i.pending.is_empty() && !i.eof)
+    }
+
+    fn input_ready(&mut self, queues: &mut DeviceQueues<'_>) {
+        self.pump_input(queues, true);
     }
 
     fn reset(&mut self) {

@@ -14,7 +14,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 pub use block::{Block, BlockOptions};
-pub use console::{Console, ConsolePort};
+pub use console::{Console, ConsolePort, InputPort};
 
 /// Feature bits every hpcvm device offers (virtio 1.x, event-index suppression of
 /// notifications and interrupts, indirect descriptors).
@@ -136,6 +136,17 @@ pub trait VirtioDevice: Send {
     /// That process ended: the device serves its queues itself from now on,
     /// carrying on from where the backend stopped.
     fn backend_ended(&mut self, _queues: &mut DeviceQueues<'_>) {}
+    /// An fd the device reads from, for the device thread to wait on while
+    /// [`Self::wants_input`] (the console's stdin port, when stdin is a pipe).
+    fn input_fd(&self) -> Option<std::os::fd::RawFd> {
+        None
+    }
+    /// The device has room for more input from [`Self::input_fd`].
+    fn wants_input(&self) -> bool {
+        false
+    }
+    /// [`Self::input_fd`] is readable.
+    fn input_ready(&mut self, _queues: &mut DeviceQueues<'_>) {}
     /// Queue `index` was notified (or the device is being drained at teardown).
     fn process(&mut self, index: usize, queues: &mut DeviceQueues<'_>);
     /// The driver reset the device: forget everything negotiated.

@@ -84,6 +84,9 @@ pub struct StdioPorts {
     pub stdout: String,
     /// Port for the job's stderr.
     pub stderr: String,
+    /// Port the job's stdin comes from (else /dev/null).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stdin: Option<String>,
 }
 
 /// The job's root filesystem: a read-only virtio-blk disk, found by its serial

@@ -183,7 +183,11 @@ fn serve(mut ch: File, in_vm: bool) -> io::Result<()> {
         .and_then(|p| stdio::open_ports(&mut ch, p));
     // Before the fork, so that a job that exits at once cannot slip its SIGCHLD past us.
     let sigchld = sigchld_fd()?;
-    let outcome = match start_job(&spec, ports) {
+    let stdin = spec
+        .stdio
+        .as_ref()
+        .and_then(|p| stdio::open_stdin(&mut ch, p));
+    let outcome = match start_job(&spec, ports, stdin) {
         Ok(job) => Ok(supervise(&mut ch, &mut dec, job, sigchld)?),
         Err(err) => Err(err),
     };
@@ -313,10 +317,14 @@ fn cstrings<I: IntoIterator<Item = String>>(items: I) -> Result<Vec<CString>, Jo
         .collect()
 }
 
-/// Forks and execs the job in its own session with stdin from /dev/null and its
-/// output on `ports` (else on pipes). Exec failures come back through a close-on-exec
+/// Forks and execs the job in its own session with stdin from the stdin port (else
+/// /dev/null) and its output on `ports` (else on pipes). Exec failures come back through a close-on-exec
 /// pipe.
-fn start_job(spec: &JobSpec, ports: Option<(OwnedFd, OwnedFd)>) -> Result<Job, JobError> {
+fn start_job(
+    spec: &JobSpec,
+    ports: Option<(OwnedFd, OwnedFd)>,
+    stdin: Option<OwnedFd>,
+) -> Result<Job, JobError> {
     let io_err = |what: &str, e: io::Error| JobError {
         error: format!("{what}: {e}"),
         status: 126,
@@ -334,7 +342,12 @@ fn start_job(spec: &JobSpec, ports: Option<(OwnedFd, OwnedFd)>) -> Result<Job, J
     argv_p.push(std::ptr::null());
     let mut envp_p: Vec<*const libc::c_char> = envp.iter().map(|c| c.as_ptr()).collect();
     envp_p.push(std::ptr::null());
-    let devnull = File::open("/dev/null").map_err(|e| io_err("/dev/null", e))?;
+    let devnull: OwnedFd = match stdin {
+        Some(fd) => fd,
+        None => File::open("/dev/null")
+            .map_err(|e| io_err("/dev/null", e))?
+            .into(),
+    };
     let out = outputs(ports).map_err(|e| io_err("pipe", e))?;
     let (st_r, st_w) = pipe().map_err(|e| io_err("pipe", e))?;
 

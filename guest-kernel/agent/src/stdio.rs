@@ -1,5 +1,6 @@
 //! The job's stdout and stderr on virtio-console ports, found by the names the host
 //! gave them; the job writes to them directly, with no relay through the agent.
+//! Its stdin, when the host forwards one, is a port too, read directly.
 
 use std::fs::{File, OpenOptions};
 use std::os::fd::OwnedFd;
@@ -40,12 +41,36 @@ fn port_wait() -> Duration {
 
 /// Opens the port called `name` for writing once it shows up, until `deadline`.
 fn open_port(name: &str, deadline: Instant, wait: Duration) -> Result<OwnedFd, String> {
+    open_port_for(name, deadline, wait, true)
+}
+
+/// The job's stdin port, if the host forwards one and it shows up (else the job
+/// gets /dev/null, logged).
+pub fn open_stdin(ch: &mut File, ports: &StdioPorts) -> Option<OwnedFd> {
+    let name = ports.stdin.as_deref()?;
+    let wait = port_wait();
+    match open_port_for(name, Instant::now() + wait, wait, false) {
+        Ok(fd) => Some(fd),
+        Err(why) => {
+            crate::log(ch, &format!("{why}: the job's stdin is /dev/null"));
+            None
+        }
+    }
+}
+
+fn open_port_for(
+    name: &str,
+    deadline: Instant,
+    wait: Duration,
+    write: bool,
+) -> Result<OwnedFd, String> {
     let dev =
         crate::wait_until(deadline, || find_port(Path::new(PORTS_DIR), name)).ok_or_else(|| {
             format!("no virtio-console port named {name:?} in {PORTS_DIR} after {wait:?}")
         })?;
     let port = OpenOptions::new()
-        .write(true)
+        .write(write)
+        .read(!write)
         .custom_flags(libc::O_CLOEXEC)
         .open(&dev)
         .map_err(|e| format!("port {name:?}: {}: {e}", dev.display()))?;

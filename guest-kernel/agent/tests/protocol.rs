@@ -221,6 +221,7 @@ fn missing_stdio_ports_fall_back_to_the_channel() {
     job.stdio = Some(StdioPorts {
         stdout: "hpcvm.test.no-such-stdout".into(),
         stderr: "hpcvm.test.no-such-stderr".into(),
+        stdin: None,
     });
     let t = std::time::Instant::now();
     a.run_spec(job);

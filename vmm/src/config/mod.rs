@@ -156,6 +156,9 @@ pub struct JobConfig {
     /// The job runs in the `--image` root filesystem; with an empty `argv` the
     /// image's own init boots instead.
     pub image: bool,
+    /// hpcvm's stdin becomes the job's (on a virtio-console port); else the job's
+    /// stdin is /dev/null. The `hpcvm` binary sets it unless stdin is a terminal.
+    pub stdin: bool,
 }
 
 /// The environment every job starts with; `--env` adds to or overrides it.

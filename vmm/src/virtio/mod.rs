@@ -19,10 +19,34 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 pub use pci::VirtioPciDevice;
 
-/// Wakes one device's queues: each queue's notifier, registered with its index.
+/// Wakes one device's queues: each queue's notifier, registered with its index, and
+/// the device's input fd (stdin) while the device has room for input.
 struct QueueEvents {
     dev: Arc<Mutex<VirtioPciDevice>>,
     notifiers: Vec<EventFd>,
+    input: Option<std::os::fd::RawFd>,
+    input_armed: bool,
+}
+
+/// Event data of a device's input fd.
+const INPUT: u32 = u32::MAX - 1;
+
+impl QueueEvents {
+    /// Waits on the input fd exactly while the device wants input (a level-triggered
+    /// fd it cannot take would wake the thread for ever).
+    fn arm_input(&mut self, want: bool, ops: &mut EventOps) {
+        let Some(fd) = self.input else {
+            return;
+        };
+        if want == self.input_armed {
+            return;
+        }
+        let ev = Events::with_data_raw(fd, INPUT, EventSet::IN);
+        let done = if want { ops.add(ev) } else { ops.remove(ev) };
+        if done.is_ok() {
+            self.input_armed = want;
+        }
+    }
 }
 
 impl MutEventSubscriber for QueueEvents {
@@ -30,14 +54,26 @@ impl MutEventSubscriber for QueueEvents {
         for (i, evt) in self.notifiers.iter().enumerate() {
             let _ = ops.add(Events::with_data(evt, i as u32, EventSet::IN));
         }
+        let want = lock(&self.dev).wants_input();
+        self.arm_input(want, ops);
     }
 
-    fn process(&mut self, events: Events, _ops: &mut EventOps) {
-        let i = events.data() as usize;
-        if let Some(evt) = self.notifiers.get(i) {
-            let _ = evt.read();
-        }
-        lock(&self.dev).process(i);
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        let data = events.data();
+        let want = {
+            let mut dev = lock(&self.dev);
+            if data == INPUT {
+                dev.input_ready();
+            } else {
+                let i = data as usize;
+                if let Some(evt) = self.notifiers.get(i) {
+                    let _ = evt.read();
+                }
+                dev.process(i);
+            }
+            dev.wants_input()
+        };
+        self.arm_input(want, ops);
     }
 }
 
@@ -121,6 +157,8 @@ impl VirtioThread {
                 subs.push(Box::new(QueueEvents {
                     dev: d.clone(),
                     notifiers,
+                    input: dev.input_fd(),
+                    input_armed: false,
                 }));
             }
         }

@@ -171,6 +171,29 @@ impl VirtioPciDevice {
         self.notify.iter().map(EventFd::try_clone).collect()
     }
 
+    /// The fd the device model reads input from, if it has one epoll can wait for.
+    pub fn input_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.dev.input_fd()
+    }
+
+    /// The active device has room for input from [`Self::input_fd`].
+    pub fn wants_input(&self) -> bool {
+        self.active && self.dev.wants_input()
+    }
+
+    /// [`Self::input_fd`] is readable.
+    pub fn input_ready(&mut self) {
+        if !self.active {
+            return;
+        }
+        let mut q = DeviceQueues {
+            mem: &self.mem,
+            queues: &mut self.queues,
+            irq: self.irq.as_ref(),
+        };
+        self.dev.input_ready(&mut q);
+    }
+
     /// Another process (a vhost-user backend) serves the queues now.
     pub fn served_elsewhere(&self) -> bool {
         self.dev.serves_own_queues()

@@ -139,3 +139,104 @@ fn queue_numbers_map_to_ports() {
     assert_eq!(port_of_tx(3), None);
     assert_eq!(port_of_tx(4), None);
 }
+
+/// A console with one output port and an input port reading `input`.
+fn console_with_input(input: OwnedFd) -> (Console, std::fs::File) {
+    let (out_r, out_w) = pipe();
+    let c = Console::with_input(
+        vec![ConsolePort {
+            name: "hpcvm.stdout".into(),
+            out: out_w,
+        }],
+        Some(InputPort {
+            name: "hpcvm.stdin".into(),
+            fd: input,
+        }),
+    );
+    (c, out_r)
+}
+
+/// Port 1's receive queue (the input port of `console_with_input`).
+const INPUT_RX: usize = 4;
+
+#[test]
+fn input_waits_for_the_guest_to_open_the_port_then_arrives_and_ends_with_a_close() {
+    let mut f = crate::virtio::testing::scratch_file();
+    std::io::Write::write_all(&mut f, b"input deck\n").unwrap();
+    std::io::Seek::rewind(&mut f).unwrap();
+    let (mut c, _o) = console_with_input(f.into());
+    assert_eq!(c.queue_max_sizes().len(), 6);
+    assert!(c.input_fd().is_none(), "a file is not polled");
+    let m = mem();
+    let mut q = queues(&m, 6);
+    for i in 0..8u16 {
+        push(
+            &m,
+            CONTROL_RX,
+            i,
+            &[(DATA + 0x100 * u64::from(i), 0x100, true)],
+        );
+    }
+    push(&m, INPUT_RX, 0, &[(DATA + 0x4000, 4, true)]);
+    push(&m, INPUT_RX, 1, &[(DATA + 0x5000, 64, true)]);
+    // Buffers before the guest opened the port: the driver would discard data.
+    process(&mut c, &m, &mut q, INPUT_RX);
+    assert!(used(&m, INPUT_RX).is_empty());
+    send_control(&m, 0, 1, event::PORT_OPEN, 1);
+    process(&mut c, &m, &mut q, CONTROL_TX);
+    // Split over the buffers as they come; each used length is what it holds.
+    assert_eq!(used(&m, INPUT_RX), vec![(0, 4), (1, 7)]);
+    let mut got = vec![0u8; 11];
+    m.read_slice(&mut got[..4], GuestAddress(DATA + 0x4000))
+        .unwrap();
+    m.read_slice(&mut got[4..], GuestAddress(DATA + 0x5000))
+        .unwrap();
+    assert_eq!(&got, b"input deck\n");
+    // The file's end: the next buffer finds nothing, and the port is closed.
+    push(&m, INPUT_RX, 2, &[(DATA + 0x6000, 64, true)]);
+    process(&mut c, &m, &mut q, INPUT_RX);
+    assert_eq!(
+        used(&m, INPUT_RX).len(),
+        2,
+        "no empty buffer is handed back"
+    );
+    assert!(received(&m).contains(&(1, event::PORT_OPEN, 0, vec![])));
+    assert!(!c.wants_input());
+}
+
+#[test]
+fn a_pipe_is_read_only_when_the_device_thread_says_it_is_readable() {
+    let (r, w) = pipe();
+    let mut w = std::fs::File::from(w);
+    let (mut c, _o) = console_with_input(r.into());
+    assert!(c.input_fd().is_some(), "a pipe is polled");
+    let m = mem();
+    let mut q = queues(&m, 6);
+    for i in 0..8u16 {
+        push(
+            &m,
+            CONTROL_RX,
+            i,
+            &[(DATA + 0x100 * u64::from(i), 0x100, true)],
+        );
+    }
+    send_control(&m, 0, 1, event::PORT_OPEN, 1);
+    process(&mut c, &m, &mut q, CONTROL_TX);
+    push(&m, INPUT_RX, 0, &[(DATA + 0x4000, 64, true)]);
+    // Nothing written yet: processing the queue must not block on a read.
+    process(&mut c, &m, &mut q, INPUT_RX);
+    assert!(c.wants_input());
+    std::io::Write::write_all(&mut w, b"abc").unwrap();
+    let irqs = crate::virtio::testing::Irqs::default();
+    let mut dq = DeviceQueues {
+        mem: &m,
+        queues: &mut q,
+        irq: &irqs,
+    };
+    c.input_ready(&mut dq);
+    assert_eq!(used(&m, INPUT_RX), vec![(0, 3)]);
+    drop(w);
+    c.input_ready(&mut dq);
+    assert!(!c.wants_input(), "the end of the pipe ends the input");
+    assert!(received(&m).contains(&(1, event::PORT_OPEN, 0, vec![])));
+}
