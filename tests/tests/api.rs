@@ -1,6 +1,7 @@
 //! The control socket under bad and heavy use: malformed, unknown and oversized
 //! requests, random bytes, vanished and slow clients, many clients at once, and
-//! clients of another uid. The VMM must answer or hang up, never crash or stall.
+//! clients of another uid, idle and trickling clients past the cap. The VMM must
+//! answer or hang up, never crash or stall, and always serve `destroy`.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -8,9 +9,12 @@ use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use hpcvm_tests::proc::{ctl, hpcvm_bin, socket_path, start_guest, RunningVm};
+use vmm::api::server::{MAX_CLIENTS, REQUEST_TIMEOUT};
 
 struct Vm {
     vm: RunningVm,
@@ -246,5 +250,77 @@ fn clients_of_another_uid_are_refused() {
         out.contains("refused: uid 65534 may not control this VM"),
         "{out}"
     );
+    vm.assert_healthy();
+}
+
+#[test]
+fn idle_and_trickling_clients_never_lock_out_destroy() {
+    let mut vm = Vm::start("lockout");
+    // The cap's worth of idle connections, and more.
+    let idle: Vec<UnixStream> = (0..MAX_CLIENTS + 16).map(|_| vm.connect()).collect();
+    // Slow clients sending a request at 1 byte per second.
+    let stop = Arc::new(AtomicBool::new(false));
+    let slow: Vec<_> = (0..8)
+        .map(|_| {
+            let mut s = vm.connect();
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                for b in b"{\"cmd\":\"status\"}\n" {
+                    if s.write_all(&[*b]).is_err() {
+                        return;
+                    }
+                    for _ in 0..10 {
+                        if stop.load(Ordering::Relaxed) {
+                            return;
+                        }
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(vm.vm.child.try_wait().unwrap().is_none(), "VMM exited");
+
+    let asked = Instant::now();
+    let r = ctl(&vm.sock, &["destroy"]);
+    assert_eq!(r.code, Some(0), "destroy failed: {} {}", r.stdout, r.stderr);
+    let (code, err, _) = vm.vm.wait_exit(Duration::from_secs(10));
+    let took = asked.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    for t in slow {
+        t.join().unwrap();
+    }
+    drop(idle);
+    assert_eq!(code, Some(169), "{err}");
+    assert!(err.contains("Destroyed on request (API)"), "{err}");
+    assert!(took < Duration::from_secs(5), "destroy took {took:?}");
+    assert!(!vm.sock.exists(), "socket file removed");
+    assert!(err.lines().count() <= 3, "quiet about evictions: {err}");
+}
+
+#[test]
+fn a_request_left_unfinished_is_dropped_after_the_timeout() {
+    let mut vm = Vm::start("unfinished");
+    let mut stalled = vm.connect();
+    let idle = vm.connect();
+    stalled.write_all(b"{\"cmd\":\"sta").unwrap();
+    let sent = Instant::now();
+    let mut reply = String::new();
+    let _ = stalled.read_to_string(&mut reply);
+    let took = sent.elapsed();
+    assert!(
+        reply.contains("request line not completed within 5 s"),
+        "{reply}"
+    );
+    assert!(
+        took >= REQUEST_TIMEOUT - Duration::from_millis(100)
+            && took < REQUEST_TIMEOUT + Duration::from_secs(3),
+        "dropped after {took:?}"
+    );
+    // An idle connection owes nothing and stays.
+    idle.set_nonblocking(true).unwrap();
+    let e = (&idle).read(&mut [0u8; 64]).unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::WouldBlock, "{e}");
     vm.assert_healthy();
 }

@@ -4,24 +4,41 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::io::{self, ErrorKind, Read, Write};
+use std::os::fd::FromRawFd;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
+use std::time::{Duration, Instant};
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use serde_json::Value;
 use thiserror::Error;
 use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::timerfd::TimerFd;
 
 use super::protocol::{error_line, ok_line, parse_request, Command, MAX_LINE};
+pub use limits::REQUEST_TIMEOUT;
+use limits::{longest_idle, Clock, Progress};
 
-/// Most clients connected at once; more are answered with an error and closed.
+mod limits;
+#[cfg(test)]
+mod tests;
+
+/// Most clients connected at once; at the cap the one idle longest is closed to
+/// make room, so a new connection (the controller's `destroy`) is always served.
 pub const MAX_CLIENTS: usize = 64;
 /// Most response bytes kept for a client that does not read them; past this it is
 /// disconnected.
 const MAX_PENDING_OUTPUT: usize = 1 << 20;
+/// Most connections accepted in one wake-up, and most bytes read from one client:
+/// epoll is level-triggered, so the rest waits for the next turn of the loop and no
+/// client can hold the control thread.
+const ACCEPT_BUDGET: usize = 2 * MAX_CLIENTS;
+const READ_BUDGET: usize = 16 * 4096;
+/// How long accepting pauses when the process is out of descriptors.
+const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 
 /// Errors creating the control socket.
 #[derive(Debug, Error)]
@@ -109,6 +126,10 @@ impl ApiSocket {
             handler,
             // SAFETY: getuid cannot fail.
             uid: unsafe { libc::getuid() },
+            timer: nonblocking_timer()?,
+            armed: None,
+            request_timeout: REQUEST_TIMEOUT,
+            accept_paused_until: None,
         })
     }
 }
@@ -129,6 +150,7 @@ struct Client {
     input: Vec<u8>,
     output: Vec<u8>,
     closing: bool,
+    clock: Clock,
 }
 
 /// Accepts clients and serves their requests; an event-manager subscriber.
@@ -137,6 +159,29 @@ pub struct ApiServer {
     clients: HashMap<RawFd, Client>,
     handler: Rc<RefCell<dyn Handler>>,
     uid: u32,
+    /// Wakes the loop at the earliest client deadline or accept retry.
+    timer: TimerFd,
+    /// What `timer` is set for.
+    armed: Option<Instant>,
+    request_timeout: Duration,
+    /// Accepting paused (out of descriptors) until then.
+    accept_paused_until: Option<Instant>,
+}
+
+/// A timerfd whose read never blocks: epoll may report it just before it is re-armed.
+fn nonblocking_timer() -> io::Result<TimerFd> {
+    // SAFETY: timerfd_create takes no pointers; the result is checked.
+    let fd = unsafe {
+        libc::timerfd_create(
+            libc::CLOCK_MONOTONIC,
+            libc::TFD_CLOEXEC | libc::TFD_NONBLOCK,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a new timerfd that nothing else owns.
+    Ok(unsafe { TimerFd::from_raw_fd(fd) })
 }
 
 /// The uid of the process at the other end of `s`.
@@ -164,14 +209,33 @@ fn peer_uid(s: &UnixStream) -> io::Result<u32> {
 }
 
 impl ApiServer {
+    /// The same server with another request timeout (tests use a short one).
+    #[cfg(test)]
+    fn with_request_timeout(mut self, timeout: Duration) -> Self {
+        self.request_timeout = timeout;
+        self
+    }
+
     fn accept_all(&mut self, ops: &mut EventOps) {
-        loop {
+        let mut freed_a_descriptor = false;
+        for _ in 0..ACCEPT_BUDGET {
             let stream = match self.listener.accept() {
                 Ok((s, _)) => s,
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                // EMFILE and friends: leave the rest queued for the next wake-up.
-                Err(_) => return,
+                Err(e) if e.kind() == ErrorKind::ConnectionAborted => continue,
+                Err(e) => {
+                    // Out of descriptors (EMFILE and friends): close the longest-idle
+                    // client once to make room, else stop accepting for a moment
+                    // rather than spin on a listener that stays readable.
+                    let out_of_fds = matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE));
+                    if out_of_fds && !freed_a_descriptor && self.evict_longest_idle(ops) {
+                        freed_a_descriptor = true;
+                        continue;
+                    }
+                    self.pause_accepting(ops);
+                    return;
+                }
             };
             let refuse = |mut s: UnixStream, why: &str| {
                 let _ = s.set_nonblocking(true);
@@ -189,11 +253,7 @@ impl ApiServer {
                 Err(_) => continue,
             }
             if self.clients.len() >= MAX_CLIENTS {
-                refuse(
-                    stream,
-                    &format!("refused: {MAX_CLIENTS} clients already connected"),
-                );
-                continue;
+                self.evict_longest_idle(ops);
             }
             if stream.set_nonblocking(true).is_err()
                 || ops
@@ -209,8 +269,99 @@ impl ApiServer {
                     input: Vec::new(),
                     output: Vec::new(),
                     closing: false,
+                    clock: Clock::new(Instant::now()),
                 },
             );
+        }
+    }
+
+    /// Closes the client that has gone longest without a complete request; false if
+    /// there is none.
+    fn evict_longest_idle(&mut self, ops: &mut EventOps) -> bool {
+        let idle = self
+            .clients
+            .iter()
+            .map(|(&fd, c)| (fd, c.clock.last_active()));
+        let Some(fd) = longest_idle(idle) else {
+            return false;
+        };
+        let why = "closed to make room for a new client: this one was idle longest";
+        self.close(fd, ops, Some(why));
+        true
+    }
+
+    /// Forgets client `fd`, telling it `why` if nothing else waits to be written.
+    fn close(&mut self, fd: RawFd, ops: &mut EventOps, why: Option<&str>) {
+        let Some(mut c) = self.clients.remove(&fd) else {
+            return;
+        };
+        let _ = ops.remove(Events::empty(&c.stream));
+        if let Some(why) = why.filter(|_| c.output.is_empty()) {
+            // Best effort and non-blocking: a full socket just misses the reason.
+            let _ = c.stream.write(&error_line(&Value::Null, why));
+        }
+    }
+
+    fn pause_accepting(&mut self, ops: &mut EventOps) {
+        if self.accept_paused_until.is_none()
+            && ops
+                .remove(Events::new(&self.listener, EventSet::IN))
+                .is_ok()
+        {
+            self.accept_paused_until = Some(Instant::now() + ACCEPT_RETRY);
+        }
+    }
+
+    /// The timer fired: closes clients past their deadline, resumes accepting.
+    fn timer_fired(&mut self, ops: &mut EventOps) {
+        // Non-blocking: a timer re-armed since epoll saw it just says EAGAIN.
+        let _ = self.timer.wait();
+        self.armed = None;
+        let now = Instant::now();
+        let timeout = self.request_timeout;
+        let late: Vec<(RawFd, bool)> = self
+            .clients
+            .iter()
+            .filter(|(_, c)| c.clock.deadline(timeout).is_some_and(|d| d <= now))
+            .map(|(&fd, c)| (fd, c.clock.owes_rest_of_line()))
+            .collect();
+        let why = format!(
+            "request line not completed within {} s; closing",
+            timeout.as_secs_f64()
+        );
+        for (fd, partial) in late {
+            self.close(fd, ops, partial.then_some(why.as_str()));
+        }
+        if self.accept_paused_until.is_some_and(|t| t <= now)
+            && ops.add(Events::new(&self.listener, EventSet::IN)).is_ok()
+        {
+            self.accept_paused_until = None;
+        }
+    }
+
+    /// Sets the timer for the earliest deadline, if it changed.
+    fn rearm(&mut self) {
+        let timeout = self.request_timeout;
+        let next = self
+            .clients
+            .values()
+            .filter_map(|c| c.clock.deadline(timeout))
+            .chain(self.accept_paused_until)
+            .min();
+        if next == self.armed {
+            return;
+        }
+        let set = match next {
+            // Never zero, which would disarm it; the deadline's clients go at once.
+            Some(t) => {
+                let left = t.saturating_duration_since(Instant::now());
+                self.timer.reset(left.max(Duration::from_millis(1)), None)
+            }
+            None => self.timer.clear(),
+        };
+        // A timer that cannot be set leaves `armed` stale so the next event retries.
+        if set.is_ok() {
+            self.armed = next;
         }
     }
 
@@ -220,45 +371,59 @@ impl ApiServer {
         let Some(c) = self.clients.get_mut(&fd) else {
             return true;
         };
+        let mut progress = Progress::default();
         if events.contains(EventSet::IN) && !c.closing {
             let mut buf = [0u8; 4096];
-            loop {
-                match c.stream.read(&mut buf) {
+            let mut budget = READ_BUDGET;
+            while budget > 0 {
+                let n = match c.stream.read(&mut buf) {
                     Ok(0) => {
                         c.closing = true;
                         break;
                     }
-                    Ok(n) => c.input.extend_from_slice(&buf[..n]),
+                    Ok(n) => n,
                     Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                    Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                    Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                     Err(_) => return false,
+                };
+                budget = budget.saturating_sub(n);
+                // Answer lines as they arrive, so the input never holds more than
+                // one. What it held has no newline, so only the new bytes are
+                // searched: a line trickled in small pieces is not rescanned.
+                let old = c.input.len();
+                c.input.extend_from_slice(&buf[..n]);
+                let newline = |b: &u8| *b == b'\n';
+                let mut end = c.input[old..].iter().position(newline).map(|i| old + i);
+                while let Some(nl) = end {
+                    let line: Vec<u8> = c.input.drain(..=nl).collect();
+                    end = c.input.iter().position(newline);
+                    let line = &line[..nl];
+                    progress.lines += 1;
+                    if line.iter().all(u8::is_ascii_whitespace) {
+                        continue;
+                    }
+                    progress.requests += 1;
+                    let reply = match parse_request(line) {
+                        Ok(req) => match handler.borrow_mut().handle(&req.command) {
+                            Ok(fields) => ok_line(&req.id, fields),
+                            Err(e) => error_line(&req.id, &e),
+                        },
+                        Err(bad) => error_line(&bad.id, &bad.error),
+                    };
+                    c.output.extend_from_slice(&reply);
                 }
-                if c.input.len() > MAX_LINE && !c.input[..=MAX_LINE].contains(&b'\n') {
+                if c.input.len() > MAX_LINE {
+                    c.output.extend_from_slice(&error_line(
+                        &Value::Null,
+                        &format!("request line longer than {MAX_LINE} bytes; closing"),
+                    ));
+                    c.input.clear();
+                    c.closing = true;
                     break;
                 }
-            }
-            while let Some(nl) = c.input.iter().position(|&b| b == b'\n') {
-                let line: Vec<u8> = c.input.drain(..=nl).collect();
-                let line = &line[..line.len() - 1];
-                if line.iter().all(u8::is_ascii_whitespace) {
-                    continue;
+                if c.output.len() > MAX_PENDING_OUTPUT {
+                    return false;
                 }
-                let reply = match parse_request(line) {
-                    Ok(req) => match handler.borrow_mut().handle(&req.command) {
-                        Ok(fields) => ok_line(&req.id, fields),
-                        Err(e) => error_line(&req.id, &e),
-                    },
-                    Err(bad) => error_line(&bad.id, &bad.error),
-                };
-                c.output.extend_from_slice(&reply);
-            }
-            if c.input.len() > MAX_LINE {
-                c.output.extend_from_slice(&error_line(
-                    &Value::Null,
-                    &format!("request line longer than {MAX_LINE} bytes; closing"),
-                ));
-                c.input.clear();
-                c.closing = true;
             }
         }
         if events.contains(EventSet::ERROR) {
@@ -269,6 +434,7 @@ impl ApiServer {
             match c.stream.write(&c.output) {
                 Ok(n) => {
                     c.output.drain(..n);
+                    progress.wrote |= n > 0;
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
@@ -281,6 +447,9 @@ impl ApiServer {
         if c.output.is_empty() && (c.closing || events.contains(EventSet::READ_HANG_UP)) {
             return false;
         }
+        progress.partial = !c.input.is_empty() && !c.closing;
+        progress.backlog = !c.output.is_empty();
+        c.clock.update(Instant::now(), progress);
         let want = if c.output.is_empty() {
             EventSet::IN | EventSet::READ_HANG_UP
         } else {
@@ -293,16 +462,18 @@ impl ApiServer {
 impl MutEventSubscriber for ApiServer {
     fn init(&mut self, ops: &mut EventOps) {
         let _ = ops.add(Events::new(&self.listener, EventSet::IN));
+        let _ = ops.add(Events::new(&self.timer, EventSet::IN));
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         let fd = events.fd();
         if fd == self.listener.as_raw_fd() {
             self.accept_all(ops);
+        } else if fd == self.timer.as_raw_fd() {
+            self.timer_fired(ops);
         } else if !self.serve(fd, events.event_set(), ops) {
-            if let Some(c) = self.clients.remove(&fd) {
-                let _ = ops.remove(Events::empty(&c.stream));
-            }
+            self.close(fd, ops, None);
         }
+        self.rearm();
     }
 }
