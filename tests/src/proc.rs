@@ -119,8 +119,14 @@ pub fn spawn(args: &[&str]) -> Child {
 
 /// Starts `program ARGS` with piped stdout/stderr and no stdin.
 fn spawn_program(program: &std::path::Path, args: &[&str]) -> Child {
+    spawn_program_env(program, args, &[])
+}
+
+/// Starts `program ARGS` with `env` added, piped stdout/stderr and no stdin.
+fn spawn_program_env(program: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> Child {
     Command::new(program)
         .args(args)
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -154,7 +160,12 @@ pub struct RunningVm {
 impl RunningVm {
     /// Starts `hpcvm ARGS`.
     pub fn start(args: &[&str]) -> Self {
-        let mut child = spawn(args);
+        Self::start_env(args, &[])
+    }
+
+    /// Starts `hpcvm ARGS` with `env` added to its environment.
+    pub fn start_env(args: &[&str], env: &[(&str, &str)]) -> Self {
+        let mut child = spawn_program_env(&hpcvm_bin(), args, env);
         let out = child.stdout.take().expect("piped stdout");
         let (tx, lines) = mpsc::channel();
         std::thread::spawn(move || {

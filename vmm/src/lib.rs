@@ -16,6 +16,7 @@ pub mod config;
 pub mod control;
 pub mod error;
 pub mod exit_code;
+pub mod fatal;
 pub mod host;
 pub mod legacy;
 pub mod memory;

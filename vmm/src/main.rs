@@ -421,6 +421,12 @@ fn write_status(path: &Path, code: u8, outcome: Option<&Outcome>, message: &str)
 
 fn run(args: RunArgs) -> u8 {
     let status_file = args.status_file.clone();
+    let on_panic = status_file.clone();
+    vmm::fatal::on_panic(move |message| {
+        if let Some(p) = &on_panic {
+            write_status(p, exit_code::INTERNAL, None, message);
+        }
+    });
     let report = |code: u8, outcome: Option<&Outcome>, message: &str| {
         if let Some(p) = &status_file {
             write_status(p, code, outcome, message);

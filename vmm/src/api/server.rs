@@ -106,6 +106,7 @@ impl ApiSocket {
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(cleanup)?;
         listener.set_nonblocking(true).map_err(cleanup)?;
         let meta = std::fs::metadata(path).map_err(cleanup)?;
+        crate::fatal::remove_at_exit(path);
         Ok(Self {
             path: path.to_path_buf(),
             listener,
@@ -136,6 +137,7 @@ impl ApiSocket {
 
 impl Drop for ApiSocket {
     fn drop(&mut self) {
+        crate::fatal::keep(&self.path);
         // Remove the file only if it is still the one we created.
         if let Ok(m) = std::fs::symlink_metadata(&self.path) {
             if (m.dev(), m.ino()) == self.ino {

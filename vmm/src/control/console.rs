@@ -55,12 +55,15 @@ impl RawTerminal {
         if !stdin.is_terminal() {
             return None;
         }
-        stdin.lock().set_raw_mode().ok().map(|_| RawTerminal)
+        stdin.lock().set_raw_mode().ok()?;
+        crate::fatal::TERMINAL_RAW.store(true, std::sync::atomic::Ordering::Release);
+        Some(RawTerminal)
     }
 }
 
 impl Drop for RawTerminal {
     fn drop(&mut self) {
         let _ = std::io::stdin().lock().set_canon_mode();
+        crate::fatal::TERMINAL_RAW.store(false, std::sync::atomic::Ordering::Release);
     }
 }

@@ -366,7 +366,10 @@ impl Controller {
 impl Handler for Controller {
     fn handle(&mut self, command: &Command) -> Result<Value, String> {
         match command {
-            Command::Status => Ok(self.status()),
+            Command::Status => {
+                crate::fatal::inject("status-request");
+                Ok(self.status())
+            }
             Command::Shutdown { timeout_s } => {
                 self.shutdown(timeout_s.map(Duration::from_secs_f64))
             }

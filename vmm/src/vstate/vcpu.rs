@@ -363,6 +363,7 @@ impl Vcpu {
     /// Runs the guest until it stops (Some) or the VMM asks the vCPU to stop (None).
     fn run_loop(&mut self) -> Option<GuestExit> {
         let vcpu = self.index;
+        crate::fatal::inject("vcpu");
         loop {
             if self.shared.stop.load(Ordering::Acquire) || !self.shared.park_if_paused() {
                 return None;
