@@ -57,17 +57,19 @@ pub fn run_with(config: &VmConfig, extra: Vec<Passthrough>) -> Result<Outcome, E
         .shares
         .iter()
         .enumerate()
-        .map(|(i, s)| virtio::fs::Fs::start(s, i))
+        .map(|(i, s)| virtio::fs::Fs::start(s, i, config.seccomp))
         .collect::<Result<Vec<_>, _>>()?;
     // Before any thread exists, so that SIGTERM/SIGINT only reach the control loop.
     control::signals::block_stop_signals().map_err(io_err("blocking SIGTERM/SIGINT"))?;
     let signals = StopSignals::new().map_err(io_err("the signalfd"))?;
     // Guest output from vCPU threads goes through bounded buffers: a full pipe
     // must never block a vCPU.
-    let (stdout, stdout_thread) = output::start(dup_fd(std::io::stdout().as_fd())?, "stdout")
-        .map_err(io_err("the stdout thread"))?;
-    let (stderr, stderr_thread) = output::start(dup_fd(std::io::stderr().as_fd())?, "stderr")
-        .map_err(io_err("the stderr thread"))?;
+    let (stdout, stdout_thread) =
+        output::start(dup_fd(std::io::stdout().as_fd())?, "stdout", config.seccomp)
+            .map_err(io_err("the stdout thread"))?;
+    let (stderr, stderr_thread) =
+        output::start(dup_fd(std::io::stderr().as_fd())?, "stderr", config.seccomp)
+            .map_err(io_err("the stderr thread"))?;
     let api = config
         .control
         .api_socket
@@ -119,9 +121,10 @@ pub fn run_with(config: &VmConfig, extra: Vec<Passthrough>) -> Result<Outcome, E
         )?)
     };
     let mut virtio_thread = match pci.as_ref().map(PciBus::virtio_devices) {
-        Some(devs) if !devs.is_empty() => {
-            Some(VirtioThread::start(devs).map_err(io_err("the virtio device thread"))?)
-        }
+        Some(devs) if !devs.is_empty() => Some(
+            VirtioThread::start(devs, config.seccomp)
+                .map_err(io_err("the virtio device thread"))?,
+        ),
         _ => None,
     };
     let buses = Buses {
@@ -187,16 +190,29 @@ pub fn run_with(config: &VmConfig, extra: Vec<Passthrough>) -> Result<Outcome, E
             eprintln!("hpcvm: control thread slice: {e}");
         }
     }
-    let result = control::run(
-        controller.clone(),
-        LoopInputs {
-            vcpu_evt,
-            reset_evt: legacy.reset_evt,
-            signals,
-            api: api.as_ref(),
-            console: legacy.console.clone(),
-        },
-    );
+    // The control thread last: everything it starts from here on (the drain pass)
+    // inherits its filter.
+    let seccomp_wake = match config.seccomp {
+        crate::seccomp::SeccompMode::On => {
+            Some(crate::seccomp::trap::install().map_err(io_err("the SIGSYS handler"))?)
+        }
+        _ => None,
+    };
+    let result = crate::seccomp::confine(crate::seccomp::Thread::Control, config.seccomp)
+        .map_err(Error::from)
+        .and_then(|()| {
+            control::run(
+                controller.clone(),
+                LoopInputs {
+                    vcpu_evt,
+                    reset_evt: legacy.reset_evt,
+                    signals,
+                    api: api.as_ref(),
+                    console: legacy.console.clone(),
+                    seccomp_wake,
+                },
+            )
+        });
     let (outcome, handles) = match Rc::try_unwrap(controller) {
         Ok(c) => c.into_inner().finish(),
         Err(_) => unreachable!("the control loop's subscribers are gone"),
@@ -468,6 +484,7 @@ fn create_vcpus(
             mmio: buses.mmio.clone(),
             mem: mem.clone(),
             shared: shared.clone(),
+            seccomp: config.seccomp,
         });
     }
     Ok(vcpus)

@@ -55,6 +55,9 @@ pub enum Error {
     /// A `--share` cannot be attached.
     #[error(transparent)]
     Share(#[from] crate::virtio::fs::ShareError),
+    /// A thread's seccomp filter could not be built or installed.
+    #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::SeccompError),
     /// The PCI bus or a passthrough device could not be set up.
     #[error(transparent)]
     Pci(#[from] PciError),

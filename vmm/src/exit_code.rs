@@ -144,6 +144,8 @@ pub fn for_error(err: &Error) -> u8 {
         Error::Disk(_) => DISK,
         Error::Share(_) => SHARE,
         Error::Io { .. } => INTERNAL,
+        Error::Seccomp(crate::seccomp::SeccompError::BadMode(_)) => CONFIG,
+        Error::Seccomp(_) => INTERNAL,
     }
 }
 

@@ -10,38 +10,64 @@
 //! Debug builds also carry test-only faults ([`inject`]), so that tests can check
 //! what a panic or a forbidden system call does to a running VMM.
 
-use std::path::{Path, PathBuf};
+use std::ffi::CString;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 
 use crate::exit_code;
 
-/// Files removed when the process dies of a panic.
-static TO_REMOVE: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+/// Files removed when the process dies of a panic or a seccomp trap, as C strings so
+/// that a signal handler can remove them without allocating.
+static TO_REMOVE: Mutex<Vec<CString>> = Mutex::new(Vec::new());
+
+fn c_path(path: &Path) -> Option<CString> {
+    CString::new(path.as_os_str().as_encoded_bytes()).ok()
+}
 
 /// Set while hpcvm holds the terminal in raw mode, for the hook to undo.
 pub static TERMINAL_RAW: AtomicBool = AtomicBool::new(false);
 
 /// Removes `path` if the process dies of a panic (until [`keep`] is called for it).
 pub fn remove_at_exit(path: &Path) {
-    if let Ok(mut files) = TO_REMOVE.lock() {
-        files.push(path.to_path_buf());
+    if let (Ok(mut files), Some(c)) = (TO_REMOVE.lock(), c_path(path)) {
+        files.push(c);
     }
 }
 
 /// Forgets `path`: its owner removed it, or it must stay.
 pub fn keep(path: &Path) {
-    if let Ok(mut files) = TO_REMOVE.lock() {
-        files.retain(|p| p != path);
+    if let (Ok(mut files), Some(c)) = (TO_REMOVE.lock(), c_path(path)) {
+        files.retain(|p| *p != c);
     }
 }
+
+/// Removes the registered files; async-signal-safe (try_lock: the thread that
+/// failed may hold the lock itself).
+pub(crate) fn remove_registered_files() {
+    if let Ok(files) = TO_REMOVE.try_lock() {
+        for f in files.iter() {
+            // SAFETY: a NUL-terminated path that lives as long as the lock is held.
+            unsafe { libc::unlink(f.as_ptr()) };
+        }
+    }
+}
+
+/// What the hook calls with the message to record it (the binary's status file).
+type Report = Box<dyn Fn(&str) + Send + Sync>;
+static REPORT: OnceLock<Report> = OnceLock::new();
 
 /// Installs a panic hook that ends the process with [`exit_code::INTERNAL`]: it says
 /// what panicked where, removes the registered files, puts a terminal back in
 /// canonical mode, calls `report` with the message (to write a status record), and
 /// exits without unwinding, whatever thread panicked. Never returns to the panicking
 /// code, so `panic = "abort"` and unwinding builds end the same way.
+///
+/// A thread whose seccomp filter does not let it remove files or write the record
+/// (a vCPU, the device thread) hands the message to the control thread, which
+/// finishes the job.
 pub fn on_panic(report: impl Fn(&str) + Send + Sync + 'static) {
+    let _ = REPORT.set(Box::new(report));
     std::panic::set_hook(Box::new(move |info| {
         let what = if let Some(s) = info.payload().downcast_ref::<&str>() {
             (*s).to_string()
@@ -60,23 +86,29 @@ pub fn on_panic(report: impl Fn(&str) + Send + Sync + 'static) {
             thread.name().unwrap_or("unnamed")
         );
         eprintln!("hpcvm: error: {message} (please report this as a bug)");
-        // try_lock: the panicking thread may hold the lock itself.
-        if let Ok(files) = TO_REMOVE.try_lock() {
-            for f in files.iter() {
-                let _ = std::fs::remove_file(f);
-            }
+        if crate::seccomp::trap::must_hand_off() {
+            crate::seccomp::trap::hand_off(message);
         }
-        restore_terminal();
-        report(&message);
-        // SAFETY: _exit takes no pointers and does not return; it skips atexit
-        // handlers and destructors, which may be what panicked.
-        unsafe { libc::_exit(i32::from(exit_code::INTERNAL)) }
+        finish(&message)
     }));
+}
+
+/// The end of a process that failed: registered files removed, terminal restored,
+/// `message` recorded, status 166.
+pub(crate) fn finish(message: &str) -> ! {
+    remove_registered_files();
+    restore_terminal();
+    if let Some(report) = REPORT.get() {
+        report(message);
+    }
+    // SAFETY: _exit takes no pointers and does not return; it skips atexit
+    // handlers and destructors, which may be what failed.
+    unsafe { libc::_exit(i32::from(exit_code::INTERNAL)) }
 }
 
 /// Canonical mode and echo back on a terminal stdin (raw while a console is attached),
 /// on fd 0 directly: the panicking thread may hold the stdin lock.
-fn restore_terminal() {
+pub(crate) fn restore_terminal() {
     if !TERMINAL_RAW.load(Ordering::Acquire) {
         return;
     }
@@ -92,23 +124,32 @@ fn restore_terminal() {
 }
 
 /// The fault a test asked for at `place` (`HPCVM_TEST_FAULT=KIND:PLACE`), in debug
-/// builds only: `panic` panics there; other kinds are for the caller to act on.
+/// builds only: `panic` panics there, `syscall` makes a system call that no thread's
+/// seccomp filter allows (socket(2)).
 #[cfg(debug_assertions)]
-pub fn inject(place: &str) -> Option<String> {
-    let spec = std::env::var("HPCVM_TEST_FAULT").ok()?;
-    let (kind, at) = spec.split_once(':')?;
-    if at != place {
-        return None;
+pub fn inject(place: &str) {
+    let Ok(spec) = std::env::var("HPCVM_TEST_FAULT") else {
+        return;
+    };
+    match spec.split_once(':') {
+        Some(("panic", at)) if at == place => {
+            panic!("test fault injected at {place} (HPCVM_TEST_FAULT)")
+        }
+        Some(("syscall", at)) if at == place => {
+            // SAFETY: socket takes no pointers; a descriptor it returns (when the
+            // filter lets it through) is closed at once.
+            unsafe {
+                let fd = libc::socket(libc::AF_UNIX, libc::SOCK_DGRAM, 0);
+                if fd >= 0 {
+                    libc::close(fd);
+                }
+            }
+        }
+        _ => {}
     }
-    if kind == "panic" {
-        panic!("test fault injected at {place} (HPCVM_TEST_FAULT)");
-    }
-    Some(kind.to_string())
 }
 
 /// Release builds carry no test faults.
 #[cfg(not(debug_assertions))]
 #[inline(always)]
-pub fn inject(_place: &str) -> Option<String> {
-    None
-}
+pub fn inject(_place: &str) {}

@@ -22,6 +22,7 @@ pub mod legacy;
 pub mod memory;
 pub mod output;
 pub mod pci;
+pub mod seccomp;
 pub mod vfio;
 pub mod virtio;
 pub mod vstate;

@@ -119,6 +119,10 @@ struct RunArgs {
     /// Show the guest console (kernel messages) and agent diagnostics.
     #[arg(long, short)]
     verbose: bool,
+    /// Confine each thread with its own seccomp filter: on (a forbidden call ends
+    /// hpcvm with 166, naming it), log (allowed, logged by the kernel) or off.
+    #[arg(long, value_name = "on|log|off", default_value = "on")]
+    seccomp: vmm::seccomp::SeccompMode,
     /// Write how the VM ended as JSON (outcome, exit code, whether it is the job's).
     #[arg(long, value_name = "PATH")]
     status_file: Option<PathBuf>,
@@ -354,6 +358,7 @@ fn config_from(args: RunArgs) -> Result<VmConfig, CliError> {
                 .collect::<Result<_, _>>()?,
             shares: shares(&args.shares, cwd_share)?,
             verbose: args.verbose,
+            seccomp: args.seccomp,
         })
     };
     Ok(cfg().map_err(|e| e.to_string())?)
@@ -427,6 +432,9 @@ fn run(args: RunArgs) -> u8 {
             write_status(p, exit_code::INTERNAL, None, message);
         }
     });
+    if let Some(p) = &status_file {
+        vmm::seccomp::trap::set_status_file(p);
+    }
     let report = |code: u8, outcome: Option<&Outcome>, message: &str| {
         if let Some(p) = &status_file {
             write_status(p, code, outcome, message);

@@ -9,6 +9,7 @@
 //! thread writes it straight from guest RAM, and a full pipe holds the guest's
 //! writes back, as a pipe would on the host.)
 
+use crate::seccomp::{self, SeccompMode};
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io::Write;
@@ -83,12 +84,21 @@ pub struct OutputThread {
     thread: Option<JoinHandle<()>>,
 }
 
-/// Starts a thread named `name` writing to `fd`.
-pub fn start(fd: OwnedFd, name: &str) -> std::io::Result<(Output, OutputThread)> {
-    start_with(fd, name, CAPACITY)
+/// Starts a thread named `name` writing to `fd`, confined with `seccomp`.
+pub fn start(
+    fd: OwnedFd,
+    name: &str,
+    seccomp: SeccompMode,
+) -> std::io::Result<(Output, OutputThread)> {
+    start_with(fd, name, CAPACITY, seccomp)
 }
 
-fn start_with(fd: OwnedFd, name: &str, capacity: usize) -> std::io::Result<(Output, OutputThread)> {
+fn start_with(
+    fd: OwnedFd,
+    name: &str,
+    capacity: usize,
+    seccomp: SeccompMode,
+) -> std::io::Result<(Output, OutputThread)> {
     let shared = Arc::new(Shared {
         state: Mutex::new(State::default()),
         wake: Condvar::new(),
@@ -96,9 +106,9 @@ fn start_with(fd: OwnedFd, name: &str, capacity: usize) -> std::io::Result<(Outp
     });
     let s = shared.clone();
     let mut file = File::from(fd);
-    let thread = std::thread::Builder::new()
-        .name(name.into())
-        .spawn(move || pump(&s, &mut file))?;
+    let thread = seccomp::spawn_confined(name, seccomp::Thread::Output, seccomp, move || {
+        pump(&s, &mut file)
+    })?;
     Ok((
         Output(shared.clone()),
         OutputThread {
@@ -198,7 +208,7 @@ mod tests {
     #[test]
     fn bytes_arrive_in_order_and_finish_waits_for_them() {
         let (mut r, w) = pipe();
-        let (out, t) = start(w, "test-out").unwrap();
+        let (out, t) = start(w, "test-out", SeccompMode::Off).unwrap();
         for i in 0..1000u32 {
             out.write(format!("{i}\n").as_bytes());
         }
@@ -213,7 +223,7 @@ mod tests {
     #[test]
     fn a_reader_that_never_reads_blocks_neither_writers_nor_finish() {
         let (r, w) = pipe();
-        let (out, t) = start_with(w, "test-out", 256 << 10).unwrap();
+        let (out, t) = start_with(w, "test-out", 256 << 10, SeccompMode::Off).unwrap();
         let started = Instant::now();
         // Far more than the pipe (64 KiB) and the buffer hold.
         for _ in 0..64 {
@@ -234,7 +244,7 @@ mod tests {
     fn a_closed_reader_drops_output_without_counting_it() {
         let (r, w) = pipe();
         drop(r);
-        let (out, t) = start(w, "test-out").unwrap();
+        let (out, t) = start(w, "test-out", SeccompMode::Off).unwrap();
         out.write(b"nobody reads this\n");
         std::thread::sleep(Duration::from_millis(50));
         out.write(b"nor this\n");

@@ -211,4 +211,6 @@ pub struct VmConfig {
     pub shares: Vec<ShareConfig>,
     /// Show the guest console (kernel messages) and agent diagnostics.
     pub verbose: bool,
+    /// What each thread's seccomp filter does with a call it does not allow.
+    pub seccomp: crate::seccomp::SeccompMode,
 }

@@ -116,7 +116,11 @@ pub struct Fs {
 
 impl Fs {
     /// Starts virtiofsd for `share` and connects to it.
-    pub fn start(share: &ShareConfig, index: usize) -> Result<Self, ShareError> {
+    pub fn start(
+        share: &ShareConfig,
+        index: usize,
+        seccomp: crate::seccomp::SeccompMode,
+    ) -> Result<Self, ShareError> {
         let dir = share.host_dir.clone();
         match std::fs::metadata(&dir) {
             Ok(m) if m.is_dir() => {}
@@ -157,6 +161,8 @@ impl Fs {
             // Root can sandbox virtiofsd in namespaces; a user's virtiofsd runs with
             // the user's own rights, which is all it can give the guest anyway.
             .args(["--sandbox", if is_root() { "namespace" } else { "none" }])
+            // virtiofsd confines itself, the way hpcvm's own threads are.
+            .args(["--seccomp", seccomp.virtiofsd_arg()])
             .stdin(Stdio::null())
             .stdout(Stdio::null());
         if share.read_only {

@@ -141,7 +141,10 @@ pub struct VirtioThread {
 
 impl VirtioThread {
     /// Starts serving `devices`.
-    pub fn start(devices: Vec<Arc<Mutex<VirtioPciDevice>>>) -> std::io::Result<Self> {
+    pub fn start(
+        devices: Vec<Arc<Mutex<VirtioPciDevice>>>,
+        seccomp: crate::seccomp::SeccompMode,
+    ) -> std::io::Result<Self> {
         let stop = EventFd::new(EFD_NONBLOCK)?;
         let mut subs: Vec<Box<dyn MutEventSubscriber + Send>> = Vec::with_capacity(devices.len());
         for d in &devices {
@@ -163,9 +166,12 @@ impl VirtioThread {
             }
         }
         let stop_evt = stop.try_clone()?;
-        let thread = std::thread::Builder::new()
-            .name("virtio".into())
-            .spawn(move || serve(subs, stop_evt))?;
+        let thread = crate::seccomp::spawn_confined(
+            "virtio",
+            crate::seccomp::Thread::Device,
+            seccomp,
+            move || serve(subs, stop_evt),
+        )?;
         Ok(Self {
             devices,
             stop,

@@ -264,6 +264,8 @@ pub struct Vcpu {
     pub mem: GuestMemoryMmap,
     /// State shared with the VMM.
     pub shared: Arc<VcpuShared>,
+    /// The seccomp filter it runs the guest under.
+    pub seccomp: crate::seccomp::SeccompMode,
 }
 
 /// A running vCPU thread.
@@ -341,10 +343,16 @@ impl Vcpu {
                 .map_err(|e| format!("cannot pin to host CPU {cpu}: {e}")),
             None => Ok(()),
         };
+        // Built before the gate (it allocates), installed after it: the last thing
+        // before the guest runs.
+        let filter = crate::seccomp::build(crate::seccomp::Thread::Vcpu, self.seccomp);
         if !gate.arrive_and_wait() {
             return;
         }
-        if let Err(error) = pinned {
+        let confined = filter
+            .and_then(|f| crate::seccomp::apply(crate::seccomp::Thread::Vcpu, f.as_ref()))
+            .map_err(|e| e.to_string());
+        if let Err(error) = pinned.and(confined) {
             self.shared.record(GuestExit::VcpuFault {
                 vcpu: self.index,
                 error,
