@@ -72,3 +72,17 @@ clean:
 slurm-test: deps guest
 	$(CARGO) build -p vmm --bin hpcvm
 	$(CARGO) test -p hpcvm-tests --test slurm -- --test-threads=1
+
+# The parsers under libFuzzer (fuzz/, cargo-fuzz on the nightly toolchain), FUZZ_RUNS
+# inputs each (10 million by default; `make test` runs a short pass of the same
+# targets on stable). Findings land in fuzz/artifacts/TARGET/.
+FUZZ_RUNS ?= 10000000
+FUZZ_TARGETS := api_request agent_stream config_option
+.PHONY: fuzz
+fuzz:
+	@rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal
+	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
+	cd fuzz && for t in $(FUZZ_TARGETS); do \
+	  mkdir -p corpus/$$t.run && cp corpus/$$t/seed-* corpus/$$t.run/ && \
+	  $(CARGO) +nightly fuzz run $$t corpus/$$t.run -- -runs=$(FUZZ_RUNS) -max_len=4096 \
+	    -print_final_stats=1 || exit 1; done

@@ -7,6 +7,7 @@
 
 use std::path::PathBuf;
 
+pub mod fuzz;
 pub mod hugepages;
 pub mod proc;
 
