@@ -574,11 +574,11 @@ fn one_cpu_steps_pin_to_their_own_core_and_scancel_is_shutdown_then_destroy() {
     assert_no_hpcvm_left(&marker());
 }
 
-/// `srun -c 2 hpcvm run --from-allocation -- nproc`: 2 vCPUs, pinned 1:1 to the two
-/// host CPUs of the step. Real guest.
+/// `srun -c 2 --mem=512M hpcvm run --from-allocation -- nproc`: 2 vCPUs, pinned 1:1
+/// to the two host CPUs of the step. Real guest.
 ///
-/// `--memory` is given because a plain `srun` exports no SLURM_MEM_PER_NODE (only
-/// sbatch/salloc do) and proctrack/linuxproc sets no memory cgroup limit.
+/// A plain `srun` exports no SLURM_MEM_PER_NODE (only sbatch/salloc do) and
+/// proctrack/linuxproc sets no memory cgroup limit: the size comes from scontrol.
 #[test]
 fn srun_from_allocation_nproc_and_vcpu_pinning() {
     let (c, _serial) = cluster();
@@ -593,7 +593,7 @@ fn srun_from_allocation_nproc_and_vcpu_pinning() {
     cmd.env("HPCVM_SLURM_TEST", &tag)
         .args(["-c", "2", "--mem=512M", "--job-name", &job_name()])
         .arg(hpcvm_bin())
-        .args(["run", "--from-allocation", "--verbose", "--memory", "256M"])
+        .args(["run", "--from-allocation", "--verbose"])
         .args(["--", "/bin/sh", "-c", "nproc; sleep 3"]);
     let mut vm = Client::spawn(cmd);
     vm.wait_line("2", false, BOOT);
@@ -606,6 +606,11 @@ fn srun_from_allocation_nproc_and_vcpu_pinning() {
     assert!(
         err.contains("from allocation: 2 vCPUs"),
         "verbose line: {err}"
+    );
+    assert!(
+        err.contains("448 MiB guest RAM (Slurm's 512 MiB (scontrol show step ")
+            && err.contains("TRES mem=512M) - 64 MiB reserve)"),
+        "memory from scontrol: {err}"
     );
     assert_eq!(
         vcpus,

@@ -6,13 +6,16 @@
 //!   sockets:cores:threads topology mirroring the host's where the allocation is even
 //!   (else one socket of single-thread cores).
 //! - memory: `--memory` if given, else the memory cgroup's limit, else
-//!   `SLURM_MEM_PER_NODE` (MiB), minus [`VMM_RESERVE`]; with `--per-task`, divided by the
-//!   tasks on this node.
+//!   `SLURM_MEM_PER_NODE` (MiB), else what `scontrol` says of the step or job (a plain
+//!   `srun --mem` exports no variable), minus [`VMM_RESERVE`]; with `--per-task`,
+//!   divided by the tasks on this node.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use thiserror::Error;
+
+pub mod scontrol;
 
 use crate::config::{ConfigError, CpusConfig, MemoryConfig, Topology};
 
@@ -28,7 +31,7 @@ pub const PASSED_PREFIXES: &[&str] =
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum AllocationError {
     /// Nothing says how much memory the job has.
-    #[error("--from-allocation found no memory limit (no memory cgroup limit, no SLURM_MEM_PER_NODE or SLURM_MEM_PER_CPU): give --memory")]
+    #[error("--from-allocation found no memory limit (no memory cgroup limit, no SLURM_MEM_PER_NODE or SLURM_MEM_PER_CPU, nothing from scontrol): give --memory")]
     NoMemoryLimit,
     /// The limit leaves no room for a guest.
     #[error("The job's memory limit ({limit_mib} MiB{per_task}) leaves no room for a guest after hpcvm's {reserve_mib} MiB reserve: give --memory")]
@@ -259,11 +262,17 @@ pub fn from_allocation(
             let cgroup = std::fs::read_to_string("/proc/self/cgroup")
                 .ok()
                 .and_then(|t| cgroup_memory_limit(&t, Path::new("/sys/fs/cgroup")));
-            let slurm = slurm_memory_mib(&env, cpus.count);
-            let size = guest_memory(cgroup, slurm, tasks, page)?;
-            let from = match cgroup {
-                Some(l) => format!("memory cgroup limit {} MiB", l >> 20),
-                None => format!("Slurm's {} MiB", slurm.unwrap_or(0)),
+            let slurm = slurm_memory_mib(&env, cpus.count)
+                .map(|m| (m, "SLURM_MEM_PER_NODE/PER_CPU".to_string()))
+                .or_else(|| match cgroup {
+                    Some(_) => None,
+                    None => scontrol::memory_mib(&env, cpus.count),
+                });
+            let size = guest_memory(cgroup, slurm.as_ref().map(|s| s.0), tasks, page)?;
+            let from = match (cgroup, &slurm) {
+                (Some(l), _) => format!("memory cgroup limit {} MiB", l >> 20),
+                (None, Some((m, field))) => format!("Slurm's {m} MiB ({field})"),
+                (None, None) => "nothing".into(),
             };
             let share = if tasks > 1 {
                 format!(" / {tasks} tasks")
