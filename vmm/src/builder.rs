@@ -61,6 +61,8 @@ pub fn run_with(config: &VmConfig, extra: Vec<Passthrough>) -> Result<Outcome, E
         .collect::<Result<Vec<_>, _>>()?;
     // Before any thread exists, so that SIGTERM/SIGINT only reach the control loop.
     control::signals::block_stop_signals().map_err(io_err("blocking SIGTERM/SIGINT"))?;
+    // Before any thread is confined: what ends hpcvm if one makes a forbidden call.
+    crate::seccomp::trap::start(config.seccomp).map_err(io_err("the seccomp reaper thread"))?;
     let signals = StopSignals::new().map_err(io_err("the signalfd"))?;
     // Guest output from vCPU threads goes through bounded buffers: a full pipe
     // must never block a vCPU.
@@ -192,12 +194,6 @@ pub fn run_with(config: &VmConfig, extra: Vec<Passthrough>) -> Result<Outcome, E
     }
     // The control thread last: everything it starts from here on (the drain pass)
     // inherits its filter.
-    let seccomp_wake = match config.seccomp {
-        crate::seccomp::SeccompMode::On => {
-            Some(crate::seccomp::trap::install().map_err(io_err("the SIGSYS handler"))?)
-        }
-        _ => None,
-    };
     let result = crate::seccomp::confine(crate::seccomp::Thread::Control, config.seccomp)
         .map_err(Error::from)
         .and_then(|()| {
@@ -209,7 +205,6 @@ pub fn run_with(config: &VmConfig, extra: Vec<Passthrough>) -> Result<Outcome, E
                     signals,
                     api: api.as_ref(),
                     console: legacy.console.clone(),
-                    seccomp_wake,
                 },
             )
         });

@@ -35,8 +35,6 @@ pub struct LoopInputs<'a> {
     pub api: Option<&'a ApiSocket>,
     /// COM1, for terminal input.
     pub console: Arc<Mutex<Uart>>,
-    /// Written when a thread trapped on a call outside its seccomp filter.
-    pub seccomp_wake: Option<std::os::fd::RawFd>,
 }
 
 /// Wakes the controller for guest exits, resets, stop signals and the grace timer.
@@ -47,8 +45,6 @@ struct LifecycleEvents {
     signals: StopSignals,
     /// When the first stop signal arrived.
     first_stop: Option<Instant>,
-    /// See [`LoopInputs::seccomp_wake`].
-    seccomp_wake: Option<std::os::fd::RawFd>,
 }
 
 impl MutEventSubscriber for LifecycleEvents {
@@ -59,10 +55,7 @@ impl MutEventSubscriber for LifecycleEvents {
             self.reset_evt.as_raw_fd(),
             self.signals.as_raw_fd(),
             timer,
-        ]
-        .into_iter()
-        .chain(self.seccomp_wake)
-        {
+        ] {
             // Failing to watch one of these leaves the VM without that way out;
             // epoll_ctl only fails on resource exhaustion at this point.
             let _ = ops.add(Events::new_raw(fd, EventSet::IN));
@@ -71,11 +64,6 @@ impl MutEventSubscriber for LifecycleEvents {
 
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
         let fd = events.fd();
-        if Some(fd) == self.seccomp_wake {
-            // Ends the process if a thread trapped; never returns then.
-            crate::seccomp::trap::control_wake();
-            return;
-        }
         let mut ctl = self.ctl.borrow_mut();
         if fd == self.reset_evt.as_raw_fd() {
             let _ = self.reset_evt.read();
@@ -123,7 +111,6 @@ pub fn run(ctl: Rc<RefCell<Controller>>, inputs: LoopInputs<'_>) -> Result<(), E
         reset_evt: inputs.reset_evt,
         signals: inputs.signals,
         first_stop: None,
-        seccomp_wake: inputs.seccomp_wake,
     }));
     if let Some(api) = inputs.api {
         let handler: Rc<RefCell<dyn Handler>> = ctl.clone();

@@ -16,14 +16,14 @@ use std::collections::BTreeMap;
 
 use kvm_bindings::{
     kvm_ioeventfd, kvm_irq_level, kvm_irq_routing, kvm_irqfd, kvm_msi, kvm_regs, kvm_sregs,
-    kvm_userspace_memory_region, KVMIO,
+    kvm_translation, kvm_userspace_memory_region, KVMIO,
 };
 use seccompiler::{
     BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
     SeccompRule, TargetArch,
 };
 use vfio_bindings::bindings::vfio::{VFIO_BASE, VFIO_TYPE};
-use vmm_sys_util::{ioctl_io_nr, ioctl_ior_nr, ioctl_iow_nr};
+use vmm_sys_util::{ioctl_io_nr, ioctl_ior_nr, ioctl_iow_nr, ioctl_iowr_nr};
 
 /// The threads that carry a filter of their own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,7 +50,9 @@ impl Thread {
     }
 }
 
+ioctl_io_nr!(KVM_CHECK_EXTENSION, KVMIO, 0x03);
 ioctl_io_nr!(KVM_RUN, KVMIO, 0x80);
+ioctl_iowr_nr!(KVM_TRANSLATE, KVMIO, 0x85, kvm_translation);
 ioctl_ior_nr!(KVM_GET_REGS, KVMIO, 0x81, kvm_regs);
 ioctl_ior_nr!(KVM_GET_SREGS, KVMIO, 0x83, kvm_sregs);
 ioctl_iow_nr!(KVM_IRQ_LINE, KVMIO, 0x61, kvm_irq_level);
@@ -117,17 +119,25 @@ const DEVICE: &[libc::c_long] = &[
     libc::SYS_fallocate,
     libc::SYS_sendmsg,
     libc::SYS_recvmsg,
-    libc::SYS_fcntl,
+    // Whether a virtiofsd that ended has been reaped (a share's backend watch).
+    libc::SYS_wait4,
+    libc::SYS_waitid,
 ];
 
 /// The vCPU's calls besides its ioctls.
 const VCPU: &[libc::c_long] = &[
+    // Passthrough register access.
     libc::SYS_pread64,
     libc::SYS_pwrite64,
+    // vhost-user set-up when the guest activates a share, and its error path.
     libc::SYS_sendmsg,
     libc::SYS_recvmsg,
-    libc::SYS_fcntl,
     libc::SYS_eventfd2,
+    libc::SYS_wait4,
+    libc::SYS_waitid,
+    // An MSI-X pending bit is an eventfd that may hold an interrupt (PBA reads).
+    libc::SYS_poll,
+    libc::SYS_ppoll,
 ];
 
 /// The control thread's own calls besides the device work.
@@ -142,8 +152,6 @@ const CONTROL: &[libc::c_long] = &[
     libc::SYS_timerfd_gettime,
     libc::SYS_tgkill,
     libc::SYS_kill,
-    libc::SYS_wait4,
-    libc::SYS_waitid,
     libc::SYS_openat,
     libc::SYS_unlink,
     libc::SYS_unlinkat,
@@ -167,6 +175,11 @@ fn vcpu_ioctls() -> Vec<u64> {
         KVM_RUN(),
         KVM_GET_REGS(),
         KVM_GET_SREGS(),
+        // The instruction bytes of an emulation failure, on kernels that do not
+        // report them.
+        KVM_TRANSLATE(),
+        // The memory slot count, when the guest moves a mappable passthrough BAR.
+        KVM_CHECK_EXTENSION(),
         KVM_IRQ_LINE(),
         KVM_SET_GSI_ROUTING(),
         KVM_IRQFD(),

@@ -1,35 +1,41 @@
 //! A call outside a thread's filter (`--seccomp on`): the kernel skips it and sends
-//! SIGSYS to the thread, whose handler records which call it was. The control
-//! thread then ends hpcvm the documented way: a message naming the call and the
-//! thread, the status record, no socket file, status 166. Everything here runs in a
-//! signal handler or after another thread stopped in one (perhaps holding the
-//! allocator's lock), so it allocates nothing and makes only async-signal-safe calls
-//! that the control thread's filter allows.
+//! SIGSYS to the thread, whose handler records which call it was and wakes the
+//! reaper, a thread of its own (under the control thread's filter) that does
+//! nothing but wait for that: it ends hpcvm the documented way, a message naming
+//! the call and the thread, the status record, no socket file, status 166, whatever
+//! the other threads are doing (setting up, in the control loop, tearing down). A
+//! panic on a thread whose filter would not let it clean up is handed to the
+//! reaper the same way. The handler and the reaper's ending allocate nothing and
+//! make only async-signal-safe calls: the thread that trapped may hold the
+//! allocator's lock.
 
 use std::ffi::CString;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::RawFd;
 use std::path::Path;
 use std::sync::atomic::{AtomicI32, AtomicI64, AtomicU8, Ordering};
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
+use super::{filters::Thread, SeccompMode};
 use crate::exit_code;
 
-/// The control thread, which ends the process.
-static CONTROL_TID: AtomicI32 = AtomicI32::new(0);
+/// The reaper's thread id (0: not started).
+static REAPER_TID: AtomicI32 = AtomicI32::new(0);
 /// The first forbidden call: its number (-1: none yet) and its thread's name.
 static CALL: AtomicI64 = AtomicI64::new(-1);
 static THREAD: [AtomicU8; 16] = [const { AtomicU8::new(0) }; 16];
-/// Written by a thread that trapped, read by the control loop.
+/// Written by a thread that trapped or panicked; the reaper blocks reading it.
 static WAKE: OnceLock<EventFd> = OnceLock::new();
 /// The `--status-file`, if any.
 static STATUS_FILE: OnceLock<CString> = OnceLock::new();
+/// A panic handed over by a thread that may not finish it itself.
+static PANIC: Mutex<Option<String>> = Mutex::new(None);
 
-/// How long a trapped thread waits for the control thread before it ends the
-/// process itself (without the status record or the socket cleanup).
-const CONTROL_WAIT: Duration = Duration::from_secs(2);
+/// How long a thread that trapped or panicked waits for the reaper before it ends
+/// the process itself (without the status record or the socket clean-up).
+const REAPER_WAIT: Duration = Duration::from_secs(5);
 
 /// Where the status record goes if a trap ends hpcvm (the `--status-file`).
 pub fn set_status_file(path: &Path) {
@@ -38,44 +44,47 @@ pub fn set_status_file(path: &Path) {
     }
 }
 
-/// Installs the SIGSYS handler, naming the calling thread as the control thread;
-/// returns the descriptor the control loop must watch ([`control_wake`]).
-pub fn install() -> std::io::Result<RawFd> {
-    // SAFETY: gettid has no preconditions.
-    CONTROL_TID.store(unsafe { libc::gettid() }, Ordering::Release);
-    let fd = match WAKE.get() {
-        Some(e) => e.as_raw_fd(),
-        None => {
-            let e = EventFd::new(EFD_NONBLOCK)?;
-            let fd = e.as_raw_fd();
-            let _ = WAKE.set(e);
-            fd
-        }
-    };
+/// With `mode` on: installs the SIGSYS handler and starts the reaper (once per
+/// process), before any thread is confined.
+pub fn start(mode: SeccompMode) -> std::io::Result<()> {
+    if mode != SeccompMode::On || WAKE.get().is_some() {
+        return Ok(());
+    }
+    // Blocking: the reaper sleeps in read() until someone writes.
+    let wake = EventFd::new(0)?;
+    let reader = wake.try_clone()?;
+    let _ = WAKE.set(wake);
     // SAFETY: sigaction with a zeroed struct, a handler of the SA_SIGINFO signature
-    // and an empty mask; the old action is not wanted.
+    // and every signal blocked while it runs (the vCPU kick must not cut its wait
+    // short); the old action is not wanted.
     let rc = unsafe {
         let mut sa: libc::sigaction = std::mem::zeroed();
         sa.sa_sigaction = on_sigsys as *const () as usize;
         sa.sa_flags = libc::SA_SIGINFO;
-        libc::sigemptyset(&mut sa.sa_mask);
+        libc::sigfillset(&mut sa.sa_mask);
         libc::sigaction(libc::SIGSYS, &sa, std::ptr::null_mut())
     };
     if rc != 0 {
         return Err(std::io::Error::last_os_error());
     }
-    Ok(fd)
+    let (tid_tx, tid_rx) = std::sync::mpsc::sync_channel(1);
+    super::spawn_confined("reaper", Thread::Control, mode, move || {
+        // SAFETY: gettid has no preconditions.
+        let _ = tid_tx.send(unsafe { libc::gettid() });
+        loop {
+            let _ = reader.read();
+            reap();
+        }
+    })?;
+    let tid = tid_rx
+        .recv()
+        .map_err(|_| std::io::Error::other("the reaper thread ended at start"))?;
+    REAPER_TID.store(tid, Ordering::Release);
+    Ok(())
 }
 
-/// A panic handed over by a thread that may not finish it itself.
-static PANIC: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
-
-/// The control loop saw the wake-up descriptor: if a thread trapped or panicked,
-/// end hpcvm.
-pub fn control_wake() {
-    if let Some(e) = WAKE.get() {
-        let _ = e.read();
-    }
+/// The reaper woke: if a thread trapped or panicked, end hpcvm.
+fn reap() {
     if CALL.load(Ordering::Acquire) >= 0 {
         die();
     }
@@ -85,18 +94,19 @@ pub fn control_wake() {
     }
 }
 
-/// Whether a failing thread must leave the ending to the control thread: it runs
-/// under a trapping filter (which would not let it remove files or write the status
-/// record) and the control thread is listening.
-pub(crate) fn must_hand_off() -> bool {
-    super::traps_here()
-        && WAKE.get().is_some()
-        // SAFETY: gettid has no preconditions.
-        && unsafe { libc::gettid() } != CONTROL_TID.load(Ordering::Acquire)
+fn on_reaper() -> bool {
+    // SAFETY: gettid has no preconditions.
+    unsafe { libc::gettid() == REAPER_TID.load(Ordering::Acquire) }
 }
 
-/// Hands `message` to the control thread and waits for it to end the process (or
-/// ends it after [`CONTROL_WAIT`], without the clean-up, if it does not).
+/// Whether a failing thread must leave the ending to the reaper: it runs under a
+/// trapping filter, which would not let it remove files or write the record.
+pub(crate) fn must_hand_off() -> bool {
+    super::traps_here() && REAPER_TID.load(Ordering::Acquire) != 0 && !on_reaper()
+}
+
+/// Hands `message` to the reaper and waits for it to end the process (or ends it
+/// after [`REAPER_WAIT`], without the clean-up, if it does not).
 pub(crate) fn hand_off(message: String) -> ! {
     if let Ok(mut p) = PANIC.lock() {
         p.get_or_insert(message);
@@ -104,7 +114,7 @@ pub(crate) fn hand_off(message: String) -> ! {
     if let Some(e) = WAKE.get() {
         let _ = e.write(1);
     }
-    std::thread::sleep(CONTROL_WAIT);
+    std::thread::sleep(REAPER_WAIT);
     // SAFETY: ends the process; takes no pointers.
     unsafe { libc::_exit(i32::from(exit_code::INTERNAL)) }
 }
@@ -126,31 +136,30 @@ extern "C" fn on_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc
             slot.store(b, Ordering::Release);
         }
     }
-    // SAFETY: gettid has no preconditions.
-    if unsafe { libc::gettid() } == CONTROL_TID.load(Ordering::Acquire) {
+    if on_reaper() {
         die();
     }
     if let Some(e) = WAKE.get() {
         let _ = e.write(1);
     }
-    // The control thread ends the process; if it cannot (it waits on this very
-    // thread), end it from here with what this thread's filter allows.
-    let ts = libc::timespec {
-        tv_sec: CONTROL_WAIT.as_secs() as libc::time_t,
+    // The reaper ends the process; if it does not, end it from here with what this
+    // thread's filter allows.
+    let mut ts = libc::timespec {
+        tv_sec: REAPER_WAIT.as_secs() as libc::time_t,
         tv_nsec: 0,
     };
-    // SAFETY: nanosleep reads `ts` and may write nothing (null remainder).
-    unsafe { libc::nanosleep(&ts, std::ptr::null_mut()) };
+    // SAFETY: nanosleep reads `ts` and writes what is left of it back into it.
+    while unsafe { libc::nanosleep(&ts, &mut ts) } != 0 {}
     let mut m = Buf::default();
     m.push("hpcvm: error: ");
     message(&mut m);
-    m.push(" (the control thread did not answer)\n");
+    m.push(" (the reaper thread did not answer)\n");
     write_all(libc::STDERR_FILENO, m.bytes());
     // SAFETY: ends the process; takes no pointers.
     unsafe { libc::_exit(i32::from(exit_code::INTERNAL)) }
 }
 
-/// The message, the files, the status record, the exit: on the control thread.
+/// The message, the files, the status record, the exit: on the reaper.
 fn die() -> ! {
     let mut m = Buf::default();
     m.push("hpcvm: error: ");

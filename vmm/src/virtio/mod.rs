@@ -135,6 +135,7 @@ pub const STOP_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 /// The thread ("virtio") that serves every device's queues.
 pub struct VirtioThread {
     devices: Vec<Arc<Mutex<VirtioPciDevice>>>,
+    seccomp: crate::seccomp::SeccompMode,
     stop: EventFd,
     thread: Option<JoinHandle<()>>,
 }
@@ -174,6 +175,7 @@ impl VirtioThread {
         )?;
         Ok(Self {
             devices,
+            seccomp,
             stop,
             thread: Some(thread),
         })
@@ -204,9 +206,12 @@ impl VirtioThread {
         // The last pass writes output too, so it runs on a thread of its own that is
         // left behind like the first if the reader takes nothing.
         let devices = self.devices.clone();
+        let seccomp = self.seccomp;
         let drain = std::thread::Builder::new()
             .name("virtio-drain".into())
             .spawn(move || {
+                // Started by the control thread, under its filter.
+                crate::seccomp::inherited(crate::seccomp::Thread::Control, seccomp);
                 for d in &devices {
                     let mut d = lock(d);
                     for q in 0..d.queue_count() {
