@@ -152,7 +152,16 @@ struct Client {
     input: Vec<u8>,
     output: Vec<u8>,
     closing: bool,
+    /// Complete lines wait in `input` for a later turn.
+    pending: bool,
     clock: Clock,
+}
+
+impl Client {
+    /// Lines wait for a turn and no unread replies hold them back.
+    fn can_go_on(&self) -> bool {
+        self.pending && self.output.is_empty()
+    }
 }
 
 /// Accepts clients and serves their requests; an event-manager subscriber.
@@ -220,7 +229,10 @@ impl ApiServer {
 
     fn accept_all(&mut self, ops: &mut EventOps) {
         let mut freed_a_descriptor = false;
-        for _ in 0..ACCEPT_BUDGET {
+        // At the cap one connection per turn, so that one just accepted (the
+        // controller's destroy) is read before a newer one could evict it.
+        let room = MAX_CLIENTS.saturating_sub(self.clients.len()).max(1);
+        for _ in 0..room.min(ACCEPT_BUDGET) {
             let stream = match self.listener.accept() {
                 Ok((s, _)) => s,
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return,
@@ -271,6 +283,7 @@ impl ApiServer {
                     input: Vec::new(),
                     output: Vec::new(),
                     closing: false,
+                    pending: false,
                     clock: Clock::new(Instant::now()),
                 },
             );
@@ -339,6 +352,17 @@ impl ApiServer {
         {
             self.accept_paused_until = None;
         }
+        let waiting: Vec<RawFd> = self
+            .clients
+            .iter()
+            .filter(|(_, c)| c.can_go_on())
+            .map(|(&fd, _)| fd)
+            .collect();
+        for fd in waiting {
+            if !self.serve(fd, EventSet::empty(), ops) {
+                self.close(fd, ops, None);
+            }
+        }
     }
 
     /// Sets the timer for the earliest deadline, if it changed.
@@ -349,6 +373,13 @@ impl ApiServer {
             .values()
             .filter_map(|c| c.clock.deadline(timeout))
             .chain(self.accept_paused_until)
+            // Lines waiting for their turn: at once (the timer's 1 ms).
+            .chain(
+                self.clients
+                    .values()
+                    .any(Client::can_go_on)
+                    .then(Instant::now),
+            )
             .min();
         if next == self.armed {
             return;
@@ -374,7 +405,13 @@ impl ApiServer {
             return true;
         };
         let mut progress = Progress::default();
-        if events.contains(EventSet::IN) && !c.closing {
+        let mut turn = Turn::new();
+        // Lines left from an earlier turn first, and nothing new read until they
+        // are answered: the socket's own buffer holds the client back.
+        if c.pending && c.output.is_empty() {
+            c.pending = answer_lines(c, 0, &handler, &mut turn, &mut progress);
+        }
+        if events.contains(EventSet::IN) && !c.closing && !c.pending {
             let mut buf = [0u8; 4096];
             let mut budget = READ_BUDGET;
             while budget > 0 {
@@ -389,30 +426,14 @@ impl ApiServer {
                     Err(_) => return false,
                 };
                 budget = budget.saturating_sub(n);
-                // Answer lines as they arrive, so the input never holds more than
-                // one. What it held has no newline, so only the new bytes are
-                // searched: a line trickled in small pieces is not rescanned.
+                // What the input held has no newline (or it would still be
+                // pending), so only the new bytes are searched: a line trickled in
+                // small pieces is not rescanned.
                 let old = c.input.len();
                 c.input.extend_from_slice(&buf[..n]);
-                let newline = |b: &u8| *b == b'\n';
-                let mut end = c.input[old..].iter().position(newline).map(|i| old + i);
-                while let Some(nl) = end {
-                    let line: Vec<u8> = c.input.drain(..=nl).collect();
-                    end = c.input.iter().position(newline);
-                    let line = &line[..nl];
-                    progress.lines += 1;
-                    if line.iter().all(u8::is_ascii_whitespace) {
-                        continue;
-                    }
-                    progress.requests += 1;
-                    let reply = match parse_request(line) {
-                        Ok(req) => match handler.borrow_mut().handle(&req.command) {
-                            Ok(fields) => ok_line(&req.id, fields),
-                            Err(e) => error_line(&req.id, &e),
-                        },
-                        Err(bad) => error_line(&bad.id, &bad.error),
-                    };
-                    c.output.extend_from_slice(&reply);
+                if answer_lines(c, old, &handler, &mut turn, &mut progress) {
+                    c.pending = true;
+                    break;
                 }
                 if c.input.len() > MAX_LINE {
                     c.output.extend_from_slice(&error_line(
@@ -446,10 +467,13 @@ impl ApiServer {
         if c.output.len() > MAX_PENDING_OUTPUT {
             return false;
         }
-        if c.output.is_empty() && (c.closing || events.contains(EventSet::READ_HANG_UP)) {
+        if c.output.is_empty()
+            && !c.pending
+            && (c.closing || events.contains(EventSet::READ_HANG_UP))
+        {
             return false;
         }
-        progress.partial = !c.input.is_empty() && !c.closing;
+        progress.partial = !c.input.is_empty() && !c.closing && !c.pending;
         progress.backlog = !c.output.is_empty();
         c.clock.update(Instant::now(), progress);
         let want = if c.output.is_empty() {
@@ -459,6 +483,68 @@ impl ApiServer {
         };
         ops.modify(Events::new(&c.stream, want)).is_ok()
     }
+}
+
+/// How much of the control thread one client may take per turn of the loop: a few
+/// requests, or a few milliseconds once one was answered (a `pause` may wait for
+/// the vCPUs), so that other clients, signals and `destroy` are served in between.
+const REQUESTS_PER_TURN: usize = 16;
+const TIME_PER_TURN: Duration = Duration::from_millis(20);
+
+/// One client's share of a turn.
+struct Turn {
+    started: Instant,
+    answered: usize,
+}
+
+impl Turn {
+    fn new() -> Self {
+        Self {
+            started: Instant::now(),
+            answered: 0,
+        }
+    }
+
+    fn spent(&self) -> bool {
+        self.answered >= REQUESTS_PER_TURN
+            || (self.answered > 0 && self.started.elapsed() >= TIME_PER_TURN)
+    }
+}
+
+/// Answers the complete lines in `c.input` (the first newline at or after `from`)
+/// while `turn` lasts; true if complete lines are left for a later turn.
+fn answer_lines(
+    c: &mut Client,
+    from: usize,
+    handler: &Rc<RefCell<dyn Handler>>,
+    turn: &mut Turn,
+    progress: &mut Progress,
+) -> bool {
+    let newline = |b: &u8| *b == b'\n';
+    let mut end = c.input[from..].iter().position(newline).map(|i| from + i);
+    while let Some(nl) = end {
+        if turn.spent() {
+            return true;
+        }
+        let line: Vec<u8> = c.input.drain(..=nl).collect();
+        end = c.input.iter().position(newline);
+        let line = &line[..nl];
+        progress.lines += 1;
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        progress.requests += 1;
+        turn.answered += 1;
+        let reply = match parse_request(line) {
+            Ok(req) => match handler.borrow_mut().handle(&req.command) {
+                Ok(fields) => ok_line(&req.id, fields),
+                Err(e) => error_line(&req.id, &e),
+            },
+            Err(bad) => error_line(&bad.id, &bad.error),
+        };
+        c.output.extend_from_slice(&reply);
+    }
+    false
 }
 
 impl MutEventSubscriber for ApiServer {

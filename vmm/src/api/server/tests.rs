@@ -8,12 +8,14 @@ use serde_json::json;
 
 use super::*;
 
+/// Records the commands; takes `.1` to answer each (a slow `pause`).
 #[derive(Default)]
-struct Recorder(Vec<Command>);
+struct Recorder(Vec<Command>, Duration);
 
 impl Handler for Recorder {
     fn handle(&mut self, command: &Command) -> Result<Value, String> {
         self.0.push(command.clone());
+        std::thread::sleep(self.1);
         Ok(json!({}))
     }
 }
@@ -210,4 +212,51 @@ fn pipelined_blank_and_split_lines_are_all_answered_in_order() {
         h.calls.borrow().0,
         [Command::Status, Command::Pause, Command::Resume]
     );
+}
+
+#[test]
+fn a_flood_of_requests_from_one_client_never_holds_up_another() {
+    let mut h = Harness::new("flood", REQUEST_TIMEOUT);
+    h.calls.borrow_mut().1 = Duration::from_millis(5);
+    let mut flood = h.connect();
+    let mut ctl = h.connect();
+    let many: Vec<u8> = (0..200)
+        .flat_map(|i| format!("{{\"id\":{i},\"cmd\":\"status\"}}\n").into_bytes())
+        .collect();
+    flood.write_all(&many).unwrap();
+    // The whole flood is read in the first turn, but only a turn's worth answered.
+    h.pump(Duration::from_millis(30));
+    ctl.write_all(b"{\"id\":\"x\",\"cmd\":\"destroy\"}\n")
+        .unwrap();
+    h.pump(Duration::from_millis(2000));
+    let calls = h.calls.borrow().0.clone();
+    assert_eq!(calls.len(), 201, "every request answered");
+    let at = calls.iter().position(|c| *c == Command::Destroy).unwrap();
+    assert!(at < 64, "destroy waited for {at} of the flood's requests");
+    assert!(read_line(&ctl).contains(r#""id":"x","ok":true"#));
+    let mut r = io::BufReader::new(&flood);
+    for id in 0..200 {
+        let mut line = String::new();
+        r.read_line(&mut line).unwrap();
+        assert!(line.contains(&format!("\"id\":{id},\"ok\":true")), "{line}");
+    }
+}
+
+#[test]
+fn at_the_cap_a_burst_of_newcomers_cannot_evict_one_before_it_is_read() {
+    let mut h = Harness::new("burst", REQUEST_TIMEOUT);
+    let _idle: Vec<UnixStream> = (0..MAX_CLIENTS).map(|_| h.connect()).collect();
+    // The controller connects and sends destroy, then a burst arrives behind it
+    // before the loop runs again.
+    let mut ctl = UnixStream::connect(h.socket.path()).unwrap();
+    ctl.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    ctl.write_all(b"{\"id\":\"x\",\"cmd\":\"destroy\"}\n")
+        .unwrap();
+    let _burst: Vec<UnixStream> = (0..2 * MAX_CLIENTS)
+        .map(|_| UnixStream::connect(h.socket.path()).unwrap())
+        .collect();
+    h.settle();
+    let reply = read_line(&ctl);
+    assert!(reply.contains(r#""id":"x","ok":true"#), "{reply}");
+    assert!(h.calls.borrow().0.contains(&Command::Destroy));
 }
