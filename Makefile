@@ -77,7 +77,7 @@ slurm-test: deps guest
 # inputs each (10 million by default; `make test` runs a short pass of the same
 # targets on stable). Findings land in fuzz/artifacts/TARGET/.
 FUZZ_RUNS ?= 10000000
-FUZZ_TARGETS := api_request agent_stream config_option
+FUZZ_TARGETS := api_request agent_stream agent_frames config_option
 .PHONY: fuzz
 fuzz:
 	@rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal

@@ -6,6 +6,8 @@
 //! * [`api_request`]: a control-socket request line (any local client of the uid).
 //! * [`agent_stream`]: what the guest writes to the agent channel (the guest is
 //!   untrusted: a job may overwrite the agent's channel with anything).
+//! * [`agent_frames`]: the agent's frame decoder itself, as the guest agent runs it on
+//!   what the host sends (the job spec), in any chunking.
 //! * [`config_option`]: the values of `--cpus`, `--memory`, `--disk`, `--share`,
 //!   `--device` and `--file`.
 
@@ -141,6 +143,41 @@ pub fn agent_stream(data: &[u8]) {
     assert_eq!(r.ready, saw_ready, "READY taken iff sent");
 }
 
+/// The frame decoder on `data[1..]`, fed in chunks of `data[0]` bytes (at least 1):
+/// the frames and the error, if any, are the same as when it is fed all at once, a
+/// frame never claims more than the limit, and a job spec payload is parsed or
+/// refused without a panic.
+pub fn agent_frames(data: &[u8]) {
+    let Some((&chunk, rest)) = data.split_first() else {
+        return;
+    };
+    let decode = |chunk: usize| {
+        let mut d = hpcvm_agent::Decoder::default();
+        let mut frames = Vec::new();
+        for piece in rest.chunks(chunk.max(1)) {
+            d.push(piece);
+            loop {
+                match d.next_frame() {
+                    Ok(Some(f)) => frames.push(f),
+                    Ok(None) => break,
+                    Err(e) => return (frames, Some(e)),
+                }
+            }
+        }
+        (frames, None)
+    };
+    let (whole, whole_err) = decode(rest.len());
+    let (pieces, pieces_err) = decode(usize::from(chunk));
+    assert_eq!(whole, pieces, "chunking changed the frames");
+    assert_eq!(whole_err, pieces_err, "chunking changed the error");
+    for (kind, payload) in &whole {
+        assert!(payload.len() <= hpcvm_agent::MAX_PAYLOAD);
+        if *kind == hpcvm_agent::kind::JOB {
+            let _ = serde_json::from_slice::<hpcvm_agent::JobSpec>(payload);
+        }
+    }
+}
+
 /// An option value: parsed or refused with a one-line message, never a panic.
 pub fn config_option(data: &[u8]) {
     let Some((&which, rest)) = data.split_first() else {
@@ -188,6 +225,17 @@ pub fn seeds(target: &str) -> Vec<Vec<u8>> {
         _ => &[],
     };
     let mut out: Vec<Vec<u8>> = strs.iter().map(|s| s.as_bytes().to_vec()).collect();
+    if target == "agent_frames" {
+        let job =
+            serde_json::json!({"argv": ["sh", "-c", "true"], "env": [["A", "1"]], "cwd": "/"});
+        let mut v = vec![3u8];
+        v.extend(hpcvm_agent::frame(
+            hpcvm_agent::kind::JOB,
+            job.to_string().as_bytes(),
+        ));
+        v.extend(hpcvm_agent::frame(hpcvm_agent::kind::SIGNAL, &[15]));
+        out.push(v);
+    }
     if target == "agent_stream" {
         // Odd mode: READY, a STDOUT line, an EXIT report.
         let mut v = vec![1u8, 0, 0, 1, 6];

@@ -35,3 +35,8 @@ fn any_guest_bytes_on_the_agent_channel_are_taken_safely() {
 fn option_values_parse_or_are_refused_never_crash() {
     pass("config_option", fuzz::config_option, 200_000);
 }
+
+#[test]
+fn the_agent_frame_decoder_is_the_same_in_any_chunking() {
+    pass("agent_frames", fuzz::agent_frames, 200_000);
+}

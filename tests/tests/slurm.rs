@@ -681,7 +681,8 @@ fn scancel_reaches_the_guest_job_as_sigterm() {
     let info = job_info(c, &id);
     assert_job_got_term(&out, &status, Some(huge_before));
     assert!(
-        read(&out).contains("256 MiB guest RAM (Slurm's 320 MiB - 64 MiB reserve)"),
+        read(&out)
+            .contains("256 MiB guest RAM (Slurm's 320 MiB (SLURM_MEM_PER_NODE) - 64 MiB reserve)"),
         "{}",
         read(&out)
     );

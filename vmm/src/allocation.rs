@@ -262,8 +262,13 @@ pub fn from_allocation(
             let cgroup = std::fs::read_to_string("/proc/self/cgroup")
                 .ok()
                 .and_then(|t| cgroup_memory_limit(&t, Path::new("/sys/fs/cgroup")));
+            let per_node =
+                env("SLURM_MEM_PER_NODE").is_some_and(|v| v.trim().parse::<u64>().is_ok());
             let slurm = slurm_memory_mib(&env, cpus.count)
-                .map(|m| (m, "SLURM_MEM_PER_NODE/PER_CPU".to_string()))
+                .map(|m| match per_node {
+                    true => (m, "SLURM_MEM_PER_NODE".to_string()),
+                    false => (m, format!("SLURM_MEM_PER_CPU x {} CPUs", cpus.count)),
+                })
                 .or_else(|| match cgroup {
                     Some(_) => None,
                     None => scontrol::memory_mib(&env, cpus.count),
