@@ -149,9 +149,42 @@ pub fn for_error(err: &Error) -> u8 {
     }
 }
 
+/// The `--status-file` record: one JSON line saying how the VM ended, for a wrapper.
+pub fn status_record(code: u8, outcome: Option<&Outcome>, message: &str) -> String {
+    let v = match outcome {
+        Some(o) => serde_json::json!({
+            "exit_code": code,
+            "outcome": outcome_name(o),
+            "source": source(o),
+            "message": message,
+        }),
+        None => serde_json::json!({
+            "exit_code": code, "outcome": "error", "source": "vmm", "message": message,
+        }),
+    };
+    format!("{v}\n")
+}
+
+/// Writes [`status_record`] to `path`, saying on stderr if it cannot.
+pub fn write_status(path: &std::path::Path, code: u8, outcome: Option<&Outcome>, message: &str) {
+    if let Err(e) = std::fs::write(path, status_record(code, outcome, message)) {
+        eprintln!("hpcvm: cannot write --status-file {}: {e}", path.display());
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_status_record_is_one_json_line() {
+        let r = status_record(INTERNAL, None, "internal error: \"x\"\nline");
+        assert_eq!(r.matches('\n').count(), 1);
+        let v: serde_json::Value = serde_json::from_str(&r).unwrap();
+        assert_eq!(v["exit_code"], 166);
+        assert_eq!(v["source"], "vmm");
+        assert_eq!(v["message"], "internal error: \"x\"\nline");
+    }
 
     #[test]
     fn no_code_in_the_shells_signal_range() {

@@ -1,12 +1,11 @@
 //! `hpcvm`: parses the command line, runs the VM (or talks to a running one), and turns
 //! the outcome into an exit status (see `vmm::exit_code` and the README's table).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use serde_json::json;
 use vmm::allocation;
 use vmm::api::{client, Command as ApiCommand};
 use vmm::assets;
@@ -408,28 +407,12 @@ fn from_allocation(
     Ok((a.cpus, a.memory))
 }
 
-/// Records how the VM ended for a wrapper (`--status-file`).
-fn write_status(path: &Path, code: u8, outcome: Option<&Outcome>, message: &str) {
-    let v = match outcome {
-        Some(o) => json!({
-            "exit_code": code,
-            "outcome": exit_code::outcome_name(o),
-            "source": exit_code::source(o),
-            "message": message,
-        }),
-        None => json!({"exit_code": code, "outcome": "error", "source": "vmm", "message": message}),
-    };
-    if let Err(e) = std::fs::write(path, format!("{v}\n")) {
-        eprintln!("hpcvm: cannot write --status-file {}: {e}", path.display());
-    }
-}
-
 fn run(args: RunArgs) -> u8 {
     let status_file = args.status_file.clone();
     let on_panic = status_file.clone();
     vmm::fatal::on_panic(move |message| {
         if let Some(p) = &on_panic {
-            write_status(p, exit_code::INTERNAL, None, message);
+            exit_code::write_status(p, exit_code::INTERNAL, None, message);
         }
     });
     if let Some(p) = &status_file {
@@ -437,7 +420,7 @@ fn run(args: RunArgs) -> u8 {
     }
     let report = |code: u8, outcome: Option<&Outcome>, message: &str| {
         if let Some(p) = &status_file {
-            write_status(p, code, outcome, message);
+            exit_code::write_status(p, code, outcome, message);
         }
         code
     };
