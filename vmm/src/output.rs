@@ -31,6 +31,8 @@ struct State {
     dropped: u64,
     /// The writer is in write(2) with bytes taken from `buf`.
     writing: bool,
+    /// How many bytes it took.
+    in_flight: usize,
     /// No more input: the writer exits once `buf` is empty.
     closed: bool,
     /// The fd failed (closed pipe): everything from then on is discarded.
@@ -138,6 +140,7 @@ fn pump(s: &Shared, out: &mut File) {
             chunk.clear();
             chunk.extend(st.buf.drain(..n));
             st.writing = true;
+            st.in_flight = n;
         }
         if out.write_all(&chunk).is_err() {
             let mut st = lock(&s.state);
@@ -173,7 +176,9 @@ impl OutputThread {
                 .unwrap_or_else(|e| e.into_inner().0);
         }
         let done = st.buf.is_empty() && !st.writing;
-        let dropped = st.dropped + st.buf.len() as u64;
+        // A chunk stuck in write(2) to a reader that takes nothing is lost too.
+        let stuck = if st.writing { st.in_flight } else { 0 };
+        let dropped = st.dropped + (st.buf.len() + stuck) as u64;
         let broken = st.broken;
         st.buf.clear();
         drop(st);
@@ -237,6 +242,19 @@ mod tests {
             dropped >= (4 << 20) - (64 << 10) * 2 - (256 << 10),
             "{dropped}"
         );
+        drop(r);
+    }
+
+    #[test]
+    fn a_chunk_stuck_in_write_counts_as_dropped() {
+        let (r, w) = pipe();
+        let (out, t) = start(w, "test-out", SeccompMode::Off).unwrap();
+        // The pipe's 64 KiB and 1000 bytes more: the last chunk is left in write(2)
+        // with nothing in the buffer.
+        out.write(&vec![b'x'; (64 << 10) + 1000]);
+        std::thread::sleep(Duration::from_millis(100));
+        let dropped = t.finish(Duration::from_millis(200));
+        assert!((1000..=CHUNK as u64).contains(&dropped), "{dropped}");
         drop(r);
     }
 
