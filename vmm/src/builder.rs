@@ -1,13 +1,10 @@
-//! Turns a [`VmConfig`] into a running guest and waits for it to end: the data path
-//! config -> memory -> vCPUs -> devices -> control loop -> exit, in one function.
+//! Turns a [`VmConfig`] into a VM ready to run: the data path config -> memory ->
+//! vCPUs -> devices, in one function ([`build`]); [`crate::runner`] runs it.
 
-use std::cell::RefCell;
 use std::fs::File;
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::PathBuf;
-use std::rc::Rc;
 use std::sync::Arc;
-use std::time::Duration;
 
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -17,33 +14,31 @@ use crate::agent::{self, AgentLink};
 use crate::api::ApiSocket;
 use crate::boot::{self, initramfs, BootImage};
 use crate::config::{CpusConfig, JobConfig, VmConfig};
-use crate::control::lifecycle::RunningVm;
-use crate::control::{self, signals::StopSignals, Controller, LoopInputs, Outcome};
+use crate::control::{self, signals::StopSignals};
 use crate::host;
 use crate::legacy::LegacyDevices;
 use crate::memory;
 use crate::output;
 use crate::pci::{Passthrough, PciBus, VirtioSlot};
+use crate::runner::{RunOptions, VmAndMemory, Vmm};
 use crate::vfio::{self, host::HostPaths};
 use crate::virtio::{self, VirtioThread};
 use crate::vstate::topology::{places, VcpuPlace};
-use crate::vstate::vcpu::{install_kick_handler, stop_all, StartGate, Vcpu, VcpuShared};
-use crate::vstate::{cpuid, msr, GuestExit, Vm};
+use crate::vstate::vcpu::{install_kick_handler, Vcpu, VcpuShared};
+use crate::vstate::{cpuid, msr, Vm};
 use crate::Error;
 use devices::virtio::{Console, ConsolePort, InputPort};
 use devices::{MmioBus, PioBus};
 
-/// Builds the VM described by `config`, runs it until it ends, tears it down and
-/// returns how it ended. Every resource is released before this returns, whatever the
-/// path: vCPU threads joined, KVM objects closed, guest RAM (hugepages) unmapped, the
-/// API socket file removed.
-pub fn run(config: &VmConfig) -> Result<Outcome, Error> {
-    run_with(config, Vec::new())
-}
-
-/// [`run`], with `extra` devices on the guest's PCI bus beside the `--device` ones:
-/// devices an embedding program opened itself (or fakes, in tests).
-pub fn run_with(config: &VmConfig, extra: Vec<Passthrough>) -> Result<Outcome, Error> {
+/// Builds the VM described by `config` with `extra` devices on its PCI bus beside
+/// the `--device` ones (devices an embedding program opened itself, or fakes in
+/// tests): everything up to the vCPUs, which [`Vmm::run`] starts. On an error
+/// everything built so far is released.
+pub(crate) fn build(
+    config: &VmConfig,
+    extra: Vec<Passthrough>,
+    options: RunOptions,
+) -> Result<Vmm, Error> {
     // Passthrough devices are checked before anything is created.
     let host_devices = vfio::preflight(&HostPaths::real(), &config.devices, config.memory.size)?;
     // Disks are opened, locked and checked, and virtiofsd started for each share,
@@ -59,19 +54,30 @@ pub fn run_with(config: &VmConfig, extra: Vec<Passthrough>) -> Result<Outcome, E
         .enumerate()
         .map(|(i, s)| virtio::fs::Fs::start(s, i, config.seccomp))
         .collect::<Result<Vec<_>, _>>()?;
-    // Before any thread exists, so that SIGTERM/SIGINT only reach the control loop.
-    control::signals::block_stop_signals().map_err(io_err("blocking SIGTERM/SIGINT"))?;
+    let signals = if options.signals {
+        // Before any thread exists, so that SIGTERM/SIGINT only reach the control loop.
+        control::signals::block_stop_signals().map_err(io_err("blocking SIGTERM/SIGINT"))?;
+        Some(StopSignals::new().map_err(io_err("the signalfd"))?)
+    } else {
+        None
+    };
     // Before any thread is confined: what ends hpcvm if one makes a forbidden call.
     crate::seccomp::trap::start(config.seccomp).map_err(io_err("the seccomp reaper thread"))?;
-    let signals = StopSignals::new().map_err(io_err("the signalfd"))?;
+    let out_fd = match options.stdout {
+        Some(fd) => fd,
+        None => dup_fd(std::io::stdout().as_fd())?,
+    };
+    let err_fd = match options.stderr {
+        Some(fd) => fd,
+        None => dup_fd(std::io::stderr().as_fd())?,
+    };
     // Guest output from vCPU threads goes through bounded buffers: a full pipe
     // must never block a vCPU.
-    let (stdout, stdout_thread) =
-        output::start(dup_fd(std::io::stdout().as_fd())?, "stdout", config.seccomp)
-            .map_err(io_err("the stdout thread"))?;
-    let (stderr, stderr_thread) =
-        output::start(dup_fd(std::io::stderr().as_fd())?, "stderr", config.seccomp)
-            .map_err(io_err("the stderr thread"))?;
+    let dup = |fd: &OwnedFd| dup_fd(fd.as_fd());
+    let (stdout, stdout_thread) = output::start(dup(&out_fd)?, "stdout", config.seccomp)
+        .map_err(io_err("the stdout thread"))?;
+    let (stderr, stderr_thread) = output::start(dup(&err_fd)?, "stderr", config.seccomp)
+        .map_err(io_err("the stderr thread"))?;
     let api = config
         .control
         .api_socket
@@ -93,7 +99,9 @@ pub fn run_with(config: &VmConfig, extra: Vec<Passthrough>) -> Result<Outcome, E
     });
     irqchip.map_err(|_| io_err("the irqchip thread")(std::io::Error::other("panicked")))??;
     let (mem, image, places) = loaded?;
-    vm.register_memory(&mem)?;
+    // From here the VM maps guest RAM: `Vmm` drops the VM first.
+    let vm = VmAndMemory { vm, mem };
+    vm.vm.register_memory(&vm.mem)?;
     let agent = config.job.as_ref().map(|job| {
         AgentLink::new(
             agent::job_spec(job, &config.shares, software_kvm),
@@ -104,17 +112,17 @@ pub fn run_with(config: &VmConfig, extra: Vec<Passthrough>) -> Result<Outcome, E
     // A guest that is not running a job (a plain kernel, or an image's own init)
     // talks on its console.
     let show_console = config.verbose || config.job.as_ref().is_none_or(|j| j.argv.is_empty());
-    let mut legacy = LegacyDevices::new(&vm, show_console.then_some(stdout), agent.clone())?;
+    let mut legacy = LegacyDevices::new(&vm.vm, show_console.then_some(stdout), agent.clone())?;
     let mut mmio = MmioBus::mmio();
-    let mut passthrough = vfio::open(&vm.fd, &host_devices)?;
+    let mut passthrough = vfio::open(&vm.vm.fd, &host_devices)?;
     passthrough.extend(extra);
-    let virtio = virtio_slots(config, disks, shares)?;
+    let virtio = virtio_slots(config, disks, shares, (&out_fd, &err_fd))?;
     let pci = if passthrough.is_empty() && virtio.is_empty() {
         None
     } else {
         Some(PciBus::build(
-            vm.clone(),
-            &mem,
+            vm.vm.clone(),
+            &vm.mem,
             config.memory.size,
             passthrough,
             virtio,
@@ -122,7 +130,7 @@ pub fn run_with(config: &VmConfig, extra: Vec<Passthrough>) -> Result<Outcome, E
             &mut mmio,
         )?)
     };
-    let mut virtio_thread = match pci.as_ref().map(PciBus::virtio_devices) {
+    let virtio_thread = match pci.as_ref().map(PciBus::virtio_devices) {
         Some(devs) if !devs.is_empty() => Some(
             VirtioThread::start(devs, config.seccomp)
                 .map_err(io_err("the virtio device thread"))?,
@@ -144,109 +152,46 @@ pub fn run_with(config: &VmConfig, extra: Vec<Passthrough>) -> Result<Outcome, E
         .and_then(non_blocking)
         .map_err(io_err("the grace timer"))?;
     install_kick_handler().map_err(io_err("the vCPU kick signal handler"))?;
-
     let vcpus = create_vcpus(
-        &vm,
+        &vm.vm,
         config,
         &places,
         &image,
-        &mem,
+        &vm.mem,
         &buses,
         &shared,
         software_kvm,
     )?;
-    let gate = Arc::new(StartGate::default());
-    let mut handles = Vec::with_capacity(vcpus.len());
-    for vcpu in vcpus {
-        match vcpu.start(gate.clone()) {
-            Ok(h) => handles.push(h),
-            Err(source) => {
-                gate.abort();
-                stop_all(&shared, handles);
-                return Err(Error::Io {
-                    what: "a vCPU thread",
-                    source,
-                });
-            }
-        }
-    }
-    gate.open_when_arrived(handles.len());
-
-    let running = RunningVm {
-        shared: shared.clone(),
-        vcpus: handles,
-        apic_ids: places.iter().map(|p| p.apic_id).collect(),
-        i8042: legacy.i8042.clone(),
-        agent: agent.zip(legacy.agent_port.clone()),
-        panicked: legacy.panicked.clone(),
-    };
-    let controller = Rc::new(RefCell::new(Controller::new(
-        running,
-        config.control.grace_period,
+    let (handle, handle_requests) = crate::handle::channel().map_err(io_err("the VM handle"))?;
+    Ok(Vmm {
+        virtio_thread,
+        pci,
+        vcpus,
+        buses,
+        vm,
+        api,
+        shared,
+        vcpu_evt,
         grace_timer,
-        config.memory,
-    )));
-    // The control loop runs here: let its wakeups preempt busy vCPU threads.
-    if let Err(e) = host::request_slice(host::CONTROL_SLICE) {
-        if config.verbose {
-            eprintln!("hpcvm: control thread slice: {e}");
-        }
-    }
-    // The control thread last: everything it starts from here on (the drain pass)
-    // inherits its filter.
-    let result = crate::seccomp::confine(crate::seccomp::Thread::Control, config.seccomp)
-        .map_err(Error::from)
-        .and_then(|()| {
-            control::run(
-                controller.clone(),
-                LoopInputs {
-                    vcpu_evt,
-                    reset_evt: legacy.reset_evt,
-                    signals,
-                    api: api.as_ref(),
-                    console: legacy.console.clone(),
-                },
-            )
-        });
-    let (outcome, handles) = match Rc::try_unwrap(controller) {
-        Ok(c) => c.into_inner().finish(),
-        Err(_) => unreachable!("the control loop's subscribers are gone"),
-    };
-    stop_all(&shared, handles);
-    // What the guest queued last (the job's final output) goes out before the exit.
-    if let Some(t) = virtio_thread.as_mut() {
-        t.stop();
-    }
-    let _ = legacy.console.lock().map(|mut c| c.flush());
-    // Output still buffered goes out while the reader takes it; after a destroy,
-    // or from a reader that stopped reading, it is dropped and counted.
-    let stall = match outcome {
-        Some(Outcome::Destroyed { .. } | Outcome::DestroyedAfterGrace { .. }) => {
-            Duration::from_millis(500)
-        }
-        _ => Duration::from_secs(5),
-    };
-    let dropped = stdout_thread.finish(stall) + stderr_thread.finish(stall);
-    if dropped > 0 {
-        eprintln!(
-            "hpcvm: warning: {dropped} bytes of guest output were dropped: hpcvm's stdout \
-             or stderr did not take them (a full pipe nobody reads)"
-        );
-    }
-    // Devices out of the guest and guest RAM out of the IOMMU before the VM and its
-    // memory go.
-    drop(virtio_thread);
-    drop(pci);
-    drop(buses);
-    drop(vm);
-    drop(mem);
-    drop(api);
-    result?;
-    Ok(outcome.unwrap_or(Outcome::GuestExited(GuestExit::Reset)))
+        signals,
+        legacy,
+        agent,
+        apic_ids: places.iter().map(|p| p.apic_id).collect(),
+        stdout_thread,
+        stderr_thread,
+        handle,
+        handle_requests,
+        control: config.control.clone(),
+        memory: config.memory,
+        seccomp: config.seccomp,
+        verbose: config.verbose,
+        options_terminal: options.terminal,
+        options_slice: options.scheduler_slice,
+    })
 }
 
 /// The buses the vCPUs dispatch exits on.
-struct Buses {
+pub(crate) struct Buses {
     pio: Arc<PioBus>,
     mmio: Arc<MmioBus>,
 }
@@ -257,6 +202,7 @@ fn virtio_slots(
     config: &VmConfig,
     disks: Vec<devices::virtio::Block>,
     shares: Vec<virtio::fs::Fs>,
+    (out, err): (&OwnedFd, &OwnedFd),
 ) -> Result<Vec<VirtioSlot>, Error> {
     let mut slots: Vec<VirtioSlot> = config
         .disks
@@ -281,11 +227,11 @@ fn virtio_slots(
         let ports = vec![
             ConsolePort {
                 name: agent::STDOUT_PORT.into(),
-                out: dup(std::io::stdout().as_fd())?,
+                out: dup(out.as_fd())?,
             },
             ConsolePort {
                 name: agent::STDERR_PORT.into(),
-                out: dup(std::io::stderr().as_fd())?,
+                out: dup(err.as_fd())?,
             },
         ];
         let input = match config.job.as_ref().is_some_and(|j| j.stdin) {

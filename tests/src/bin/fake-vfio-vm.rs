@@ -48,7 +48,7 @@ fn main() -> ExitCode {
     let fake = Arc::new(FakeVfio::new(options).expect("the fake device's memfd"));
     let dma = Arc::new(FakeDma::default());
     let responder = fake.start_responder();
-    let result = vmm::builder::run_with(
+    let result = vmm::run_with(
         &config,
         vec![Passthrough {
             backend: fake.clone(),

@@ -16,9 +16,10 @@ use devices::legacy::I8042;
 use hpcvm_agent::{JobError, JobExit};
 
 use crate::agent::{AgentLink, AgentPort};
-use serde_json::{json, Value};
+use serde_json::Value;
 use vmm_sys_util::timerfd::TimerFd;
 
+use super::report::{Answer, MemoryStatus, StateChange, Status, VcpuStatus, VmState};
 use crate::api::server::Handler;
 use crate::api::Command;
 use crate::config::MemoryConfig;
@@ -164,17 +165,17 @@ impl Controller {
         (self.outcome, self.vcpus)
     }
 
-    fn state_name(&self) -> &'static str {
+    fn state_name(&self) -> VmState {
         match (self.outcome.is_some(), self.state) {
-            (true, _) => "stopping",
-            (_, State::Running) => "running",
-            (_, State::Paused) => "paused",
-            (_, State::ShuttingDown { .. }) => "shutting-down",
+            (true, _) => VmState::Stopping,
+            (_, State::Running) => VmState::Running,
+            (_, State::Paused) => VmState::Paused,
+            (_, State::ShuttingDown { .. }) => VmState::ShuttingDown,
         }
     }
 
     /// Asks the guest to stop, destroying it after `grace` (default: `--grace-period`).
-    pub fn shutdown(&mut self, grace: Option<Duration>) -> Result<Value, String> {
+    pub fn shutdown(&mut self, grace: Option<Duration>) -> Result<StateChange, String> {
         if self.is_done() {
             return Err("the VM is already stopping".into());
         }
@@ -204,7 +205,10 @@ impl Controller {
             // Without a timer nothing would enforce the grace period: destroy now.
             self.destroy(&format!("grace timer failed: {e}"));
         }
-        Ok(json!({"state": self.state_name(), "grace_left_s": left.as_secs_f64()}))
+        Ok(StateChange {
+            state: self.state_name(),
+            grace_left_s: Some(left.as_secs_f64()),
+        })
     }
 
     /// Passes `sig` on to the guest job's process group (ignored without a job).
@@ -298,9 +302,9 @@ impl Controller {
     }
 
     /// Parks every vCPU outside the guest.
-    pub fn pause(&mut self) -> Result<Value, String> {
+    pub fn pause(&mut self) -> Result<StateChange, String> {
         match self.state {
-            State::Paused => return Ok(json!({"state": "paused"})),
+            State::Paused => return Ok(StateChange::to(VmState::Paused)),
             State::ShuttingDown { .. } => return Err("cannot pause during a shutdown".into()),
             State::Running => {}
         }
@@ -316,69 +320,75 @@ impl Controller {
             ));
         }
         self.state = State::Paused;
-        Ok(json!({"state": "paused"}))
+        Ok(StateChange::to(VmState::Paused))
     }
 
     /// Lets paused vCPUs run again.
-    pub fn resume(&mut self) -> Result<Value, String> {
+    pub fn resume(&mut self) -> Result<StateChange, String> {
         if self.state == State::Paused {
             self.shared.resume();
             self.state = State::Running;
         }
-        Ok(json!({"state": self.state_name()}))
+        Ok(StateChange::to(self.state_name()))
     }
 
     /// What `status` reports.
-    pub fn status(&self) -> Value {
-        let vcpus: Vec<Value> = self
+    pub fn status(&self) -> Status {
+        let vcpus = self
             .vcpus
             .iter()
             .zip(&self.apic_ids)
-            .map(|(v, apic)| {
-                json!({
-                    "index": v.index,
-                    "apic_id": apic,
-                    "host_cpu": v.host_cpu,
-                    "tid": v.tid.load(std::sync::atomic::Ordering::Acquire),
-                })
+            .map(|(v, &apic_id)| VcpuStatus {
+                index: v.index,
+                apic_id,
+                host_cpu: v.host_cpu,
+                tid: v.tid.load(std::sync::atomic::Ordering::Acquire),
             })
             .collect();
-        let mut v = json!({
-            "state": self.state_name(),
-            "uptime_s": self.started.elapsed().as_secs_f64(),
-            "pid": std::process::id(),
-            "vcpus": vcpus,
-            "memory": {
-                "size": self.memory.size,
-                "backing": self.memory.hugepages.name(),
-                "prefault": self.memory.prefault,
+        let grace_left_s = match self.state {
+            State::ShuttingDown { deadline, .. } => Some(
+                deadline
+                    .saturating_duration_since(Instant::now())
+                    .as_secs_f64(),
+            ),
+            _ => None,
+        };
+        Status {
+            state: self.state_name(),
+            uptime_s: self.started.elapsed().as_secs_f64(),
+            pid: std::process::id(),
+            vcpus,
+            memory: MemoryStatus {
+                size: self.memory.size,
+                backing: self.memory.hugepages.name(),
+                prefault: self.memory.prefault,
             },
-        });
-        if let State::ShuttingDown { deadline, .. } = self.state {
-            v["grace_left_s"] = json!(deadline
-                .saturating_duration_since(Instant::now())
-                .as_secs_f64());
+            grace_left_s,
         }
-        v
+    }
+
+    /// Carries out `command`, whoever asked (the socket, a [`crate::VmHandle`]).
+    pub fn apply(&mut self, command: &Command) -> Result<Answer, String> {
+        match command {
+            Command::Status => {
+                crate::fatal::inject("status-request");
+                Ok(Answer::Status(self.status()))
+            }
+            Command::Shutdown { timeout_s } => self
+                .shutdown(timeout_s.map(Duration::from_secs_f64))
+                .map(Answer::Changed),
+            Command::Destroy => {
+                self.destroy("API");
+                Ok(Answer::Changed(StateChange::to(VmState::Stopping)))
+            }
+            Command::Pause => self.pause().map(Answer::Changed),
+            Command::Resume => self.resume().map(Answer::Changed),
+        }
     }
 }
 
 impl Handler for Controller {
     fn handle(&mut self, command: &Command) -> Result<Value, String> {
-        match command {
-            Command::Status => {
-                crate::fatal::inject("status-request");
-                Ok(self.status())
-            }
-            Command::Shutdown { timeout_s } => {
-                self.shutdown(timeout_s.map(Duration::from_secs_f64))
-            }
-            Command::Destroy => {
-                self.destroy("API");
-                Ok(json!({"state": "stopping"}))
-            }
-            Command::Pause => self.pause(),
-            Command::Resume => self.resume(),
-        }
+        self.apply(command).map(|a| a.to_json())
     }
 }

@@ -4,6 +4,7 @@
 
 pub mod console;
 pub mod lifecycle;
+pub mod report;
 pub mod signals;
 
 use std::cell::RefCell;
@@ -21,6 +22,7 @@ use crate::api::server::Handler;
 use crate::api::ApiSocket;
 use crate::Error;
 pub use lifecycle::{Controller, Outcome};
+pub use report::{Answer, MemoryStatus, StateChange, Status, VcpuStatus, VmState};
 use signals::StopSignals;
 
 /// Everything the loop listens to besides the controller itself.
@@ -29,8 +31,12 @@ pub struct LoopInputs<'a> {
     pub vcpu_evt: EventFd,
     /// Signalled by the i8042 reset line.
     pub reset_evt: EventFd,
-    /// SIGTERM/SIGINT.
-    pub signals: StopSignals,
+    /// SIGTERM/SIGINT, when the VMM handles the process's signals.
+    pub signals: Option<StopSignals>,
+    /// Put a terminal stdin in raw mode and feed it to COM1.
+    pub terminal: bool,
+    /// Requests from [`crate::VmHandle`]s.
+    pub(crate) handles: Option<crate::handle::HandleRequests>,
     /// The API socket, if one was asked for.
     pub api: Option<&'a ApiSocket>,
     /// COM1, for terminal input.
@@ -42,7 +48,7 @@ struct LifecycleEvents {
     ctl: Rc<RefCell<Controller>>,
     vcpu_evt: EventFd,
     reset_evt: EventFd,
-    signals: StopSignals,
+    signals: Option<StopSignals>,
     /// When the first stop signal arrived.
     first_stop: Option<Instant>,
 }
@@ -50,12 +56,11 @@ struct LifecycleEvents {
 impl MutEventSubscriber for LifecycleEvents {
     fn init(&mut self, ops: &mut EventOps) {
         let timer = self.ctl.borrow().grace_timer().as_raw_fd();
-        for fd in [
-            self.vcpu_evt.as_raw_fd(),
-            self.reset_evt.as_raw_fd(),
-            self.signals.as_raw_fd(),
-            timer,
-        ] {
+        let signals = self.signals.as_ref().map(AsRawFd::as_raw_fd);
+        for fd in [self.vcpu_evt.as_raw_fd(), self.reset_evt.as_raw_fd(), timer]
+            .into_iter()
+            .chain(signals)
+        {
             // Failing to watch one of these leaves the VM without that way out;
             // epoll_ctl only fails on resource exhaustion at this point.
             let _ = ops.add(Events::new_raw(fd, EventSet::IN));
@@ -71,8 +76,8 @@ impl MutEventSubscriber for LifecycleEvents {
         } else if fd == self.vcpu_evt.as_raw_fd() {
             let _ = self.vcpu_evt.read();
             ctl.guest_stopped();
-        } else if fd == self.signals.as_raw_fd() {
-            while let Some(sig) = self.signals.next() {
+        } else if let Some(signals) = self.signals.as_mut().filter(|s| s.as_raw_fd() == fd) {
+            while let Some(sig) = signals.next() {
                 if signals::IGNORED_SIGNALS.contains(&sig) {
                     continue;
                 }
@@ -120,7 +125,10 @@ pub fn run(ctl: Rc<RefCell<Controller>>, inputs: LoopInputs<'_>) -> Result<(), E
         })?;
         em.add_subscriber(Box::new(server));
     }
-    let raw_terminal = console::RawTerminal::enter();
+    if let Some(requests) = inputs.handles {
+        em.add_subscriber(Box::new(requests.serve(ctl.clone())));
+    }
+    let raw_terminal = inputs.terminal.then(console::RawTerminal::enter).flatten();
     if raw_terminal.is_some() {
         em.add_subscriber(Box::new(console::ConsoleInput::new(inputs.console)));
     }
