@@ -145,3 +145,18 @@ impl MutEventSubscriber for HandleServer {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_handle_goes_to_any_thread_and_says_when_the_vm_is_gone() {
+        fn shareable<T: Send + Sync + Clone>() {}
+        shareable::<VmHandle>();
+        let (handle, requests) = channel().unwrap();
+        drop(requests);
+        assert_eq!(handle.status().unwrap_err(), HandleError::Ended);
+        assert_eq!(handle.destroy().unwrap_err().to_string(), "the VM has ended");
+    }
+}
