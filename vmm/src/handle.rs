@@ -157,6 +157,9 @@ mod tests {
         let (handle, requests) = channel().unwrap();
         drop(requests);
         assert_eq!(handle.status().unwrap_err(), HandleError::Ended);
-        assert_eq!(handle.destroy().unwrap_err().to_string(), "the VM has ended");
+        assert_eq!(
+            handle.destroy().unwrap_err().to_string(),
+            "the VM has ended"
+        );
     }
 }

@@ -7,6 +7,7 @@
 //! [`builder`] strings them together into a [`Vmm`], which [`Vmm::run`] runs; a
 //! [`VmHandle`] controls it from any thread.
 
+pub mod admin;
 pub mod agent;
 pub mod allocation;
 pub mod api;

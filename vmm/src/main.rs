@@ -6,6 +6,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use vmm::admin::sriov::{bind, check_bound, create, list, render, set_guids, to_json};
+use vmm::admin::sriov::{Bound, Created, Guid};
 use vmm::allocation;
 use vmm::api::{client, Command as ApiCommand};
 use vmm::assets;
@@ -14,9 +16,7 @@ use vmm::config::{
     VmConfig, DEFAULT_GRACE_PERIOD,
 };
 use vmm::vfio::host::HostPaths;
-use vmm::vfio::sriov::{bind, check_bound, create, list, render, set_guids, to_json};
-use vmm::vfio::sriov::{Bound, Created, Guid};
-use vmm::{exit_code, vfio, Outcome};
+use vmm::{exit_code, Outcome};
 
 #[derive(Parser)]
 #[command(name = "hpcvm", version, about = "A KVM hypervisor for HPC batch jobs")]
@@ -475,7 +475,7 @@ fn ctl(args: CtlArgs) -> u8 {
 
 fn sriov(action: SriovAction) -> u8 {
     let paths = HostPaths::real();
-    let done = || -> Result<String, vfio::sriov::SriovError> {
+    let done = || -> Result<String, vmm::admin::sriov::SriovError> {
         Ok(match action {
             SriovAction::List { json: true } => format!("{}\n", to_json(&list(&paths)?)),
             SriovAction::List { json: false } => render(&list(&paths)?),
@@ -522,14 +522,16 @@ fn sriov(action: SriovAction) -> u8 {
 }
 
 fn doctor(args: DoctorArgs) -> u8 {
-    let request = vfio::doctor::Request {
+    let request = vmm::admin::doctor::Request {
         devices: args.devices,
         memory: args.memory,
     };
-    let mut checks = vfio::doctor::checks(&HostPaths::real(), &request);
-    checks.push(vfio::doctor::virtiofsd(vmm::virtio::fs::find_virtiofsd()));
-    print!("{}", vfio::doctor::render(&checks));
-    vfio::doctor::exit_status(&checks)
+    let mut checks = vmm::admin::doctor::checks(&HostPaths::real(), &request);
+    checks.push(vmm::admin::doctor::virtiofsd(
+        vmm::virtio::fs::find_virtiofsd(),
+    ));
+    print!("{}", vmm::admin::doctor::render(&checks));
+    vmm::admin::doctor::exit_status(&checks)
 }
 
 fn main() -> ExitCode {

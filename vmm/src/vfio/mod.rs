@@ -4,17 +4,16 @@
 //! - [`host`]: finding a device in sysfs and checking it can be passed through
 //!   (driver, IOMMU group, memlock limit);
 //! - [`backend`]: the ioctl line (vfio-ioctls on real hosts, [`fake`] in tests);
-//! - [`device`]: the PCI function the guest sees;
-//! - [`sriov`]: creating and binding SR-IOV virtual functions (`hpcvm sriov`);
-//! - [`doctor`]: the preflight report (`hpcvm doctor`).
+//! - [`device`]: the PCI function the guest sees.
+//!
+//! Creating and binding SR-IOV functions and the host report are in
+//! [`crate::admin`].
 
 pub mod backend;
 pub mod device;
-pub mod doctor;
 #[cfg(any(test, feature = "fakes"))]
 pub mod fake;
 pub mod host;
-pub mod sriov;
 
 use std::sync::Arc;
 

@@ -8,7 +8,7 @@ use std::str::FromStr;
 use serde_json::{json, Value};
 use thiserror::Error;
 
-use super::host::{self, HostDevice, HostError, HostPaths, PciAddress};
+use crate::vfio::host::{self, HostDevice, HostError, HostPaths, PciAddress};
 
 /// Why an `hpcvm sriov` step failed; every message ends with the fix.
 #[derive(Debug, Error)]

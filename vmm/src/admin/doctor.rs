@@ -5,9 +5,11 @@ use std::fs::OpenOptions;
 use std::io::ErrorKind;
 use std::path::Path;
 
-use super::host::{self, HostDevice, HostError, HostPaths, Memlock, PassthroughAccess, IOMMU_FIX};
 use crate::config::{HugePageSize, MemoryConfig};
 use crate::memory::{HugePagePool, MemoryError};
+use crate::vfio::host::{
+    self, HostDevice, HostError, HostPaths, Memlock, PassthroughAccess, IOMMU_FIX,
+};
 
 /// What `hpcvm doctor` is asked to check beyond the basics.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -134,8 +136,8 @@ fn checks_with(
         });
         // How `hpcvm run` would open them, once each device passed on its own.
         if let (Ok(m), true) = (memlock, found.len() == request.devices.len()) {
-            out.push(match super::open_path(paths, &found, m) {
-                Ok(Some(super::OpenPath::Iommufd)) => Check::ok(
+            out.push(match crate::vfio::open_path(paths, &found, m) {
+                Ok(Some(crate::vfio::OpenPath::Iommufd)) => Check::ok(
                     "vfio open",
                     "through iommufd (/dev/iommu, the devices' cdevs); pinned guest RAM \
                      counts against the user's memlock limit, all of the user's VMs together",
