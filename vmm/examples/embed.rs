@@ -9,7 +9,6 @@
 use std::io::{BufRead, BufReader};
 use std::os::fd::{FromRawFd, OwnedFd};
 
-use vmm::config::{ControlConfig, KernelConfig};
 use vmm::{RunOptions, VmConfig, VmState, Vmm};
 
 fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
@@ -25,20 +24,8 @@ fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let kernel = std::env::args().nth(1).ok_or("usage: embed KERNEL")?;
     let config = VmConfig {
-        kernel: KernelConfig {
-            path: kernel.into(),
-            initramfs: None,
-            cmdline: String::new(),
-        },
-        cpus: "1".parse()?,
         memory: "128M".parse()?,
-        control: ControlConfig::default(),
-        job: None,
-        devices: Vec::new(),
-        disks: Vec::new(),
-        shares: Vec::new(),
-        verbose: false,
-        seccomp: Default::default(),
+        ..VmConfig::new(kernel)
     };
     let (console, console_in) = pipe()?;
     let options = RunOptions {

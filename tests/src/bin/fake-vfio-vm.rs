@@ -8,7 +8,7 @@
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use vmm::config::{ControlConfig, KernelConfig, VmConfig};
+use vmm::config::VmConfig;
 use vmm::exit_code;
 use vmm::pci::Passthrough;
 use vmm::vfio::fake::{FakeDma, FakeOptions, FakeVfio};
@@ -28,22 +28,12 @@ fn main() -> ExitCode {
         ..Default::default()
     };
     let config = VmConfig {
-        kernel: KernelConfig {
-            path: kernel.into(),
-            initramfs: None,
-            cmdline: String::new(),
-        },
         cpus: cpus.parse().expect("--cpus"),
         memory: "64M".parse().expect("--memory"),
-        control: ControlConfig::default(),
-        job: None,
-        devices: Vec::new(),
-        disks: Vec::new(),
-        shares: Vec::new(),
-        verbose: false,
         // The fake answers BAR accesses over a socket it polls on the vCPU thread,
         // which no real device does: the vCPU filter is not for it.
         seccomp: vmm::seccomp::SeccompMode::Off,
+        ..VmConfig::new(kernel)
     };
     let fake = Arc::new(FakeVfio::new(options).expect("the fake device's memfd"));
     let dma = Arc::new(FakeDma::default());

@@ -214,3 +214,26 @@ pub struct VmConfig {
     /// What each thread's seccomp filter does with a call it does not allow.
     pub seccomp: crate::seccomp::SeccompMode,
 }
+
+impl VmConfig {
+    /// A VM that boots `kernel` with the defaults (1 vCPU, 256 MiB, no devices, no
+    /// job, seccomp on); set the fields to change them.
+    pub fn new(kernel: impl Into<PathBuf>) -> Self {
+        Self {
+            kernel: KernelConfig {
+                path: kernel.into(),
+                initramfs: None,
+                cmdline: String::new(),
+            },
+            cpus: CpusConfig::default(),
+            memory: MemoryConfig::default(),
+            control: ControlConfig::default(),
+            job: None,
+            devices: Vec::new(),
+            disks: Vec::new(),
+            shares: Vec::new(),
+            verbose: false,
+            seccomp: crate::seccomp::SeccompMode::default(),
+        }
+    }
+}
