@@ -4,8 +4,8 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::io::{self, ErrorKind, Read, Write};
-use std::os::fd::FromRawFd;
 use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -91,19 +91,21 @@ impl ApiSocket {
                 Err(e) => return Err(create(e)),
             }
         }
-        // The file must never exist with looser permissions, even for an instant:
-        // narrow the umask around bind (the VMM is single-threaded here).
-        // SAFETY: umask has no memory-safety preconditions.
-        let old = unsafe { libc::umask(0o177) };
-        let bound = UnixListener::bind(path);
-        // SAFETY: as above; restores the caller's umask.
-        unsafe { libc::umask(old) };
-        let listener = bound.map_err(create)?;
+        // Nobody may connect with looser permissions than 0600: the socket is
+        // bound, made 0600, and only then listens (a connect before that is
+        // refused), so no process-wide umask is touched.
+        let socket = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None)
+            .map_err(create)?;
+        socket
+            .bind(&socket2::SockAddr::unix(path).map_err(create)?)
+            .map_err(create)?;
         let cleanup = |e| {
             let _ = std::fs::remove_file(path);
             create(e)
         };
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(cleanup)?;
+        socket.listen(128).map_err(cleanup)?;
+        let listener = UnixListener::from(OwnedFd::from(socket));
         listener.set_nonblocking(true).map_err(cleanup)?;
         let meta = std::fs::metadata(path).map_err(cleanup)?;
         crate::fatal::remove_at_exit(path);
