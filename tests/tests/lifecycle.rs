@@ -508,6 +508,26 @@ fn flood_into_unread_pipe(extra: &[&str]) -> (std::process::Child, std::fs::File
     (child, r)
 }
 
+/// Waits until the pipe `r` reads from is about full (60 of its 64 KiB: pages fill
+/// partly).
+fn wait_pipe_full(r: &std::fs::File) {
+    use std::os::fd::AsRawFd;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut n: libc::c_int = 0;
+        // SAFETY: FIONREAD writes one int into `n`.
+        assert_eq!(
+            unsafe { libc::ioctl(r.as_raw_fd(), libc::FIONREAD, &mut n) },
+            0
+        );
+        if n >= 60 << 10 {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the pipe holds only {n} bytes");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Waits up to `limit` for `child` to exit; its code and stderr.
 fn exit_within(child: &mut std::process::Child, limit: Duration) -> (Option<i32>, String) {
     use std::io::Read;
@@ -530,9 +550,11 @@ fn exit_within(child: &mut std::process::Child, limit: Duration) -> (Option<i32>
 #[test]
 fn a_stdout_nobody_reads_never_wedges_pause_destroy_or_sigterm() {
     let sock = socket_path("flood");
-    let (mut child, _unread) = flood_into_unread_pipe(&["--api-socket", sock.to_str().unwrap()]);
-    // Long enough to fill the pipe and the output buffer many times over.
-    std::thread::sleep(Duration::from_secs(2));
+    let (mut child, unread) = flood_into_unread_pipe(&["--api-socket", sock.to_str().unwrap()]);
+    // Until the pipe is full (how long depends on the host's load), then a little
+    // more, so that hpcvm's own writer is stuck in write(2).
+    wait_pipe_full(&unread);
+    std::thread::sleep(Duration::from_millis(300));
     for cmd in ["pause", "resume", "status"] {
         let r = ctl(&sock, &[cmd]);
         assert_eq!(r.code, Some(0), "{cmd}: {} {}", r.stdout, r.stderr);
