@@ -1,5 +1,5 @@
 //! Turns a [`VmConfig`] into a VM ready to run: the data path config -> memory ->
-//! vCPUs -> devices, in one function ([`build`]); [`crate::runner`] runs it.
+//! vCPUs -> devices, in one function (`build`); [`crate::runner`] runs it.
 
 use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};

@@ -3,7 +3,7 @@
 //!
 //! - [`host`]: finding a device in sysfs and checking it can be passed through
 //!   (driver, IOMMU group, memlock limit);
-//! - [`backend`]: the ioctl line (vfio-ioctls on real hosts, [`fake`] in tests);
+//! - [`backend`]: the ioctl line (vfio-ioctls on real hosts, `fake` in tests);
 //! - [`device`]: the PCI function the guest sees.
 //!
 //! Creating and binding SR-IOV functions and the host report are in

@@ -491,7 +491,7 @@ impl VcpuHandle {
 const KICK_RETRY: Duration = Duration::from_millis(1);
 
 /// Stops every vCPU: sets the stop flag, kicks every thread, then waits for each to
-/// finish (woken the moment it does), kicking again every [`KICK_RETRY`] (a kick that
+/// finish (woken the moment it does), kicking again every `KICK_RETRY` (a kick that
 /// lands just before KVM_RUN is caught by `immediate_exit`; one that lands before the
 /// thread published its kvm_run is lost and repeated).
 pub fn stop_all(shared: &VcpuShared, handles: Vec<VcpuHandle>) {
