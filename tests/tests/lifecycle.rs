@@ -478,7 +478,20 @@ fn a_sigterm_while_hpcvm_starts_is_a_shutdown_not_a_bare_143() {
 
 /// Starts `hpcvm run --kernel flood.elf EXTRA` with its stdout on a pipe that nobody
 /// reads; returns the child, its stderr and the unread pipe (kept open).
-fn flood_into_unread_pipe(extra: &[&str]) -> (std::process::Child, std::fs::File) {
+/// A child killed (and reaped) when dropped, so that a failed assertion leaves no
+/// flooding VM behind.
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+        }
+        let _ = self.0.wait();
+    }
+}
+
+fn flood_into_unread_pipe(extra: &[&str]) -> (Reaped, std::fs::File) {
     use std::os::fd::FromRawFd;
     let mut fds = [0; 2];
     // SAFETY: pipe2 fills the two descriptors it is given room for.
@@ -505,7 +518,7 @@ fn flood_into_unread_pipe(extra: &[&str]) -> (std::process::Child, std::fs::File
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    (child, r)
+    (Reaped(child), r)
 }
 
 /// Waits until the pipe `r` reads from is about full (60 of its 64 KiB: pages fill
@@ -529,7 +542,8 @@ fn wait_pipe_full(r: &std::fs::File) {
 }
 
 /// Waits up to `limit` for `child` to exit; its code and stderr.
-fn exit_within(child: &mut std::process::Child, limit: Duration) -> (Option<i32>, String) {
+fn exit_within(child: &mut Reaped, limit: Duration) -> (Option<i32>, String) {
+    let child = &mut child.0;
     use std::io::Read;
     let start = Instant::now();
     loop {
@@ -568,7 +582,7 @@ fn a_stdout_nobody_reads_never_wedges_pause_destroy_or_sigterm() {
     // SIGTERM: the flood ignores Ctrl-Alt-Del, so the grace period ends it.
     let (mut child, _unread) = flood_into_unread_pipe(&["--grace-period", "1"]);
     std::thread::sleep(Duration::from_secs(1));
-    signal(child.id(), libc::SIGTERM);
+    signal(child.0.id(), libc::SIGTERM);
     let (code, err) = exit_within(&mut child, Duration::from_secs(10));
     assert_eq!(code, Some(168), "{err}");
 }
