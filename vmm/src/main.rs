@@ -3,18 +3,13 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use vmm::admin::sriov::{bind, check_bound, create, list, render, set_guids, to_json};
 use vmm::admin::sriov::{Bound, Created, Guid};
-use vmm::allocation;
 use vmm::api::{client, Command as ApiCommand};
-use vmm::assets;
-use vmm::config::{
-    ControlConfig, CpusConfig, DiskConfig, JobConfig, KernelConfig, MemoryConfig, ShareConfig,
-    VmConfig, DEFAULT_GRACE_PERIOD,
-};
+use vmm::config::request::RunRequest;
+use vmm::config::MemoryConfig;
 use vmm::vfio::host::HostPaths;
 use vmm::{exit_code, Outcome};
 
@@ -50,84 +45,11 @@ enum Command {
 
 #[derive(Args)]
 struct RunArgs {
-    /// Guest kernel: ELF vmlinux (PVH note or 64-bit entry) or bzImage. Default with
-    /// `-- CMD`: the kernel built by `make guest`.
-    #[arg(long, value_name = "PATH")]
-    kernel: Option<PathBuf>,
-    /// Initramfs loaded beside the kernel (uncompressed boots fastest).
-    #[arg(long, value_name = "PATH")]
-    initramfs: Option<PathBuf>,
-    /// Extra kernel command line, appended to "console=ttyS0 reboot=k panic=-1".
-    #[arg(long, value_name = "STR", default_value = "")]
-    cmdline: String,
-    /// vCPUs: N[,topology=S:C:T][,affinity=LIST] with LIST as 0-3 / 2,5,7 / 0@2,1@3
-    /// (default 1).
-    #[arg(long, value_name = "SPEC", conflicts_with = "from_allocation")]
-    cpus: Option<String>,
-    /// Guest RAM: SIZE[,hugepages=none|2M|1G|thp][,prefault=on] (default 256M; with
-    /// --from-allocation: the job's memory limit minus hpcvm's reserve).
-    #[arg(long, value_name = "SPEC")]
-    memory: Option<String>,
-    /// Size and pin the VM from this job's allocation: one vCPU per CPU of this
-    /// process's affinity (its cpuset), pinned 1:1, topology mirroring the host; memory
-    /// from the memory cgroup limit or SLURM_MEM_PER_NODE; the launcher's SLURM_*,
-    /// OMPI_*, PMI_*, PMIX_* variables passed to the job.
-    #[arg(long)]
-    from_allocation: bool,
-    /// With --from-allocation: one VM per task, the node's memory shared by its tasks
-    /// (for `srun -n N hpcvm run --from-allocation --per-task -- ...`).
-    #[arg(long, requires = "from_allocation")]
-    per_task: bool,
-    /// Pass a host PCI function through to the guest: vfio=BDF or
-    /// vfio=/sys/bus/pci/devices/BDF, bound to vfio-pci (repeatable; see docs/vfio.md).
-    #[arg(long = "device", value_name = "vfio=BDF")]
-    devices: Vec<String>,
-    /// Attach a disk as virtio-blk: PATH[,readonly=on][,serial=ID][,direct=on]
-    /// (repeatable; the guest sees /dev/vda, /dev/vdb, ... in this order).
-    #[arg(long = "disk", value_name = "SPEC")]
-    disks: Vec<String>,
-    /// Run the job in this ext4 root image, opened read-only and shared (writes go to
-    /// guest RAM); without `-- CMD`, boot the image's own /sbin/init. Needs nothing of
-    /// hpcvm inside the image.
-    #[arg(long, value_name = "PATH")]
-    image: Option<PathBuf>,
-    /// Share a host directory over virtio-fs: HOST_DIR[:GUEST_DIR][,readonly=on]
-    /// (repeatable; GUEST_DIR defaults to the same path). Needs virtiofsd.
-    #[arg(long = "share", value_name = "SPEC")]
-    shares: Vec<String>,
-    /// With `-- CMD`, do not share the current directory (by default it is shared at
-    /// the same path and the job starts there, as `apptainer exec` does).
-    #[arg(long)]
-    no_share_cwd: bool,
-    /// Control socket (newline-delimited JSON; see docs/api.md), created 0600.
-    #[arg(long, value_name = "PATH")]
-    api_socket: Option<PathBuf>,
-    /// Seconds a shutdown (API, SIGTERM, SIGINT) waits for the guest before destroying it.
-    #[arg(long, value_name = "SECONDS", default_value_t = DEFAULT_GRACE_PERIOD.as_secs_f64())]
-    grace_period: f64,
-    /// Copy a host file or directory into the job's guest (repeatable).
-    #[arg(long = "file", value_name = "HOST:GUEST")]
-    files: Vec<String>,
-    /// Set a variable in the job's environment (repeatable).
-    #[arg(long = "env", value_name = "NAME=VALUE")]
-    env: Vec<String>,
-    /// The job's working directory in the guest (default: the shared current
-    /// directory, or / with --no-share-cwd).
-    #[arg(long, value_name = "DIR")]
-    workdir: Option<String>,
-    /// Show the guest console (kernel messages) and agent diagnostics.
-    #[arg(long, short)]
-    verbose: bool,
-    /// Confine each thread with its own seccomp filter: on (a forbidden call ends
-    /// hpcvm with 166, naming it), log (allowed, logged by the kernel) or off.
-    #[arg(long, value_name = "on|log|off", default_value = "on")]
-    seccomp: vmm::seccomp::SeccompMode,
+    #[command(flatten)]
+    request: RunRequest,
     /// Write how the VM ended as JSON (outcome, exit code, whether it is the job's).
     #[arg(long, value_name = "PATH")]
     status_file: Option<PathBuf>,
-    /// Command to run in the guest through the guest agent; hpcvm exits with its status.
-    #[arg(last = true, value_name = "CMD")]
-    command: Vec<String>,
 }
 
 #[derive(Args)]
@@ -204,209 +126,6 @@ struct DoctorArgs {
     memory: Option<MemoryConfig>,
 }
 
-/// Why the command line cannot become a VM, with the exit status it gets.
-struct CliError {
-    code: u8,
-    message: String,
-}
-
-impl From<String> for CliError {
-    fn from(message: String) -> Self {
-        Self {
-            code: exit_code::CONFIG,
-            message,
-        }
-    }
-}
-
-impl From<&str> for CliError {
-    fn from(message: &str) -> Self {
-        message.to_string().into()
-    }
-}
-
-fn config_from(args: RunArgs) -> Result<VmConfig, CliError> {
-    if !(args.grace_period.is_finite() && (0.0..=86_400.0).contains(&args.grace_period)) {
-        return Err(format!(
-            "Invalid --grace-period '{}': must be from 0 to 86400 seconds",
-            args.grace_period
-        )
-        .into());
-    }
-    let job = if args.command.is_empty() && args.image.is_none() {
-        if !args.files.is_empty() || !args.env.is_empty() {
-            return Err("--file and --env apply to a command given after --".into());
-        }
-        None
-    } else {
-        if args.initramfs.is_some() {
-            return Err(
-                "--initramfs cannot be combined with -- CMD: the job's initramfs is \
-                        generated (add files to it with --file)"
-                    .into(),
-            );
-        }
-        let assets =
-            assets::locate(&assets::guest_dir(), args.kernel.as_deref()).map_err(|e| CliError {
-                code: exit_code::IMAGE,
-                message: e.to_string(),
-            })?;
-        let env = args
-            .env
-            .iter()
-            .map(|kv| match kv.split_once('=') {
-                Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
-                _ => Err(format!("Invalid --env '{kv}': must be NAME=VALUE")),
-            })
-            .collect::<Result<_, _>>()?;
-        let files = args
-            .files
-            .iter()
-            .map(|f| f.parse())
-            .collect::<Result<_, _>>()?;
-        let cwd_share = if args.no_share_cwd {
-            None
-        } else {
-            let dir = std::env::current_dir().map_err(|e| {
-                format!("Cannot share the current directory: {e} (or pass --no-share-cwd)")
-            })?;
-            Some(dir)
-        };
-        let cwd = match (&args.workdir, &cwd_share) {
-            (Some(w), _) => w.clone(),
-            (None, Some(d)) => d.display().to_string(),
-            (None, None) => "/".into(),
-        };
-        Some((
-            assets.kernel,
-            cwd_share,
-            JobConfig {
-                argv: args.command,
-                env,
-                cwd,
-                files,
-                agent: assets.agent,
-                busybox: assets.busybox,
-                console_stdio: true,
-                image: args.image.is_some(),
-                // A terminal stays the console's; anything else (a pipe, a file,
-                // /dev/null) is the job's input, as with `apptainer exec`.
-                stdin: !std::io::IsTerminal::is_terminal(&std::io::stdin()),
-            },
-        ))
-    };
-    let (kernel_path, cwd_share, job) = match (job, args.kernel) {
-        (Some((k, c, j)), _) => (k, c, Some(j)),
-        (None, Some(k)) => (k, None, None),
-        (None, None) => {
-            return Err(
-                "Nothing to boot: give --kernel PATH, or a command after -- \
-                        (e.g. hpcvm run -- uname -a)"
-                    .into(),
-            )
-        }
-    };
-    let (cpus, memory) = if args.from_allocation {
-        from_allocation(args.memory.as_deref(), args.per_task, args.verbose)?
-    } else {
-        let cpus = args
-            .cpus
-            .as_deref()
-            .unwrap_or("1")
-            .parse()
-            .map_err(|e: vmm::config::ConfigError| e.to_string())?;
-        let memory = args
-            .memory
-            .as_deref()
-            .unwrap_or("256M")
-            .parse()
-            .map_err(|e: vmm::config::ConfigError| e.to_string())?;
-        (cpus, memory)
-    };
-    let mut job = job;
-    if let (Some(job), true) = (job.as_mut(), args.from_allocation) {
-        // The launcher's variables first, so that --env can override them.
-        let mut env = allocation::passed_env(std::env::vars());
-        env.append(&mut job.env);
-        job.env = env;
-    }
-    let cfg = || -> Result<VmConfig, vmm::config::ConfigError> {
-        Ok(VmConfig {
-            kernel: KernelConfig {
-                path: kernel_path,
-                initramfs: args.initramfs,
-                cmdline: args.cmdline,
-            },
-            cpus,
-            memory,
-            control: ControlConfig {
-                api_socket: args.api_socket,
-                grace_period: Duration::from_secs_f64(args.grace_period),
-            },
-            job,
-            devices: args
-                .devices
-                .iter()
-                .map(|d| d.parse())
-                .collect::<Result<_, _>>()?,
-            disks: args
-                .disks
-                .iter()
-                .map(|d| d.parse())
-                .chain(args.image.iter().map(|p| Ok(DiskConfig::image(p.clone()))))
-                .collect::<Result<_, _>>()?,
-            shares: shares(&args.shares, cwd_share)?,
-            verbose: args.verbose,
-            seccomp: args.seccomp,
-        })
-    };
-    Ok(cfg().map_err(|e| e.to_string())?)
-}
-
-/// The `--share` directories, tagged in order, then the working directory's share.
-fn shares(
-    specs: &[String],
-    cwd: Option<PathBuf>,
-) -> Result<Vec<ShareConfig>, vmm::config::ConfigError> {
-    let mut out = specs
-        .iter()
-        .enumerate()
-        .map(|(i, s)| {
-            let mut share: ShareConfig = s.parse()?;
-            share.tag = format!("hpcvm-share{i}");
-            Ok(share)
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    // A --share of the working directory itself replaces the default one.
-    if let Some(dir) = cwd.filter(|d| !out.iter().any(|s| s.guest_dir == d.display().to_string())) {
-        out.push(ShareConfig::cwd(dir));
-    }
-    Ok(out)
-}
-
-/// vCPUs and memory from this job's allocation (`--from-allocation`).
-fn from_allocation(
-    memory: Option<&str>,
-    per_task: bool,
-    verbose: bool,
-) -> Result<(CpusConfig, MemoryConfig), String> {
-    let a = allocation::from_allocation(memory, per_task).map_err(|e| e.to_string())?;
-    if verbose {
-        let t = a.cpus.topology;
-        eprintln!(
-            "hpcvm: from allocation: {} vCPUs ({} socket(s) x {} core(s) x {} thread(s)) pinned to host CPUs {}; {} MiB guest RAM ({})",
-            a.cpus.count,
-            t.sockets,
-            t.cores,
-            t.threads,
-            vmm::host::fmt_cpu_list(a.cpus.affinity.as_deref().unwrap_or(&[])),
-            a.memory.size >> 20,
-            a.memory_source,
-        );
-    }
-    Ok((a.cpus, a.memory))
-}
-
 fn run(args: RunArgs) -> u8 {
     let status_file = args.status_file.clone();
     let on_panic = status_file.clone();
@@ -424,7 +143,7 @@ fn run(args: RunArgs) -> u8 {
         }
         code
     };
-    let cfg = match config_from(args) {
+    let cfg = match args.request.into_config() {
         Ok(c) => c,
         Err(e) => {
             eprintln!("hpcvm: error: {}", e.message);

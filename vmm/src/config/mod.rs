@@ -6,6 +6,7 @@ pub mod cpus;
 pub mod device;
 pub mod disk;
 pub mod memory;
+pub mod request;
 pub mod share;
 
 use std::path::PathBuf;
