@@ -13,6 +13,7 @@ use thiserror::Error;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use crate::api::protocol::MAX_TIMEOUT_S;
 use crate::api::Command;
 use crate::control::{Answer, Controller, StateChange, Status};
 
@@ -79,6 +80,11 @@ impl VmHandle {
     /// Asks the guest to stop (the job gets SIGTERM, a plain guest Ctrl-Alt-Del); it
     /// is destroyed after `grace` (default: the configured grace period).
     pub fn shutdown(&self, grace: Option<Duration>) -> Result<StateChange, HandleError> {
+        if grace.is_some_and(|g| g.as_secs_f64() > MAX_TIMEOUT_S) {
+            return Err(HandleError::Refused(format!(
+                "a grace period must be from 0 to {MAX_TIMEOUT_S} seconds"
+            )));
+        }
         self.change(Command::Shutdown {
             timeout_s: grace.map(|g| g.as_secs_f64()),
         })

@@ -150,6 +150,18 @@ fn pump(s: &Shared, out: &mut File) {
     }
 }
 
+impl Drop for OutputThread {
+    /// Dropped without [`OutputThread::finish`] (a VM that failed to build, or was
+    /// never run): the writer ends once what is buffered is written, and is not
+    /// waited for.
+    fn drop(&mut self) {
+        if self.thread.is_some() {
+            lock(&self.shared.state).closed = true;
+            self.shared.wake.notify_all();
+        }
+    }
+}
+
 impl OutputThread {
     /// Stops taking output and waits for what is buffered to be written, for as long
     /// as the reader keeps taking it: a reader that takes nothing for `stall` loses
@@ -256,6 +268,24 @@ mod tests {
         let dropped = t.finish(Duration::from_millis(200));
         assert!((1000..=CHUNK as u64).contains(&dropped), "{dropped}");
         drop(r);
+    }
+
+    #[test]
+    fn an_output_dropped_without_finish_lets_its_writer_end() {
+        let (mut r, w) = pipe();
+        let (out, t) = start(w, "test-out", SeccompMode::Off).unwrap();
+        out.write(b"last words\n");
+        drop(t);
+        drop(out);
+        // EOF comes once the writer has ended and closed its copy of the pipe.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut got = String::new();
+            let _ = r.read_to_string(&mut got);
+            let _ = tx.send(got);
+        });
+        let got = rx.recv_timeout(Duration::from_secs(5));
+        assert_eq!(got.as_deref(), Ok("last words\n"), "the writer never ended");
     }
 
     #[test]

@@ -143,7 +143,9 @@ impl Vmm {
         self.handle.clone()
     }
 
-    /// Runs the VM until it ends, tears it down and returns how it ended. Every
+    /// Runs the VM until it ends, tears it down and returns how it ended. With
+    /// [`RunOptions::signals`], call it on the thread that built the VM (or one it
+    /// started afterwards): the stop signals are blocked there. Every
     /// resource is released before this returns, whatever the path: vCPU threads
     /// joined, KVM objects closed, guest RAM (hugepages) unmapped, the API socket
     /// file removed.

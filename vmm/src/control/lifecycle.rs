@@ -192,7 +192,9 @@ impl Controller {
             None => devices::lock(&self.i8042).ctrl_alt_del(),
         }
         let now = Instant::now();
-        let asked = now + grace.unwrap_or(self.default_grace);
+        // At most a day (what the socket accepts), whatever a program asks for.
+        let longest = Duration::from_secs_f64(crate::api::protocol::MAX_TIMEOUT_S);
+        let asked = now + grace.unwrap_or(self.default_grace).min(longest);
         let (since, deadline) = match self.state {
             State::ShuttingDown { since, deadline } => (since, deadline.min(asked)),
             _ => (now, asked),
@@ -374,9 +376,13 @@ impl Controller {
                 crate::fatal::inject("status-request");
                 Ok(Answer::Status(self.status()))
             }
-            Command::Shutdown { timeout_s } => self
-                .shutdown(timeout_s.map(Duration::from_secs_f64))
-                .map(Answer::Changed),
+            Command::Shutdown { timeout_s } => {
+                let grace = timeout_s
+                    .map(Duration::try_from_secs_f64)
+                    .transpose()
+                    .map_err(|_| format!("invalid grace period {timeout_s:?}"))?;
+                self.shutdown(grace).map(Answer::Changed)
+            }
             Command::Destroy => {
                 self.destroy("API");
                 Ok(Answer::Changed(StateChange::to(VmState::Stopping)))
