@@ -299,10 +299,11 @@ fn job_files_that_cannot_unpack_are_refused_and_those_that_can_arrive_whole() {
         r.stderr
     );
     assert!(r.stdout.is_empty(), "no job ran: {}", r.stdout);
-    // 64 MiB fits: every byte arrives (hpcvm once ran the job on a file that was
-    // zeros past ~25 MiB).
+    // 40 MiB fits: every byte arrives (hpcvm once ran the job on a file that was
+    // zeros past ~25 MiB). The guest kernel unpacks it in emulated ring 0 on a
+    // software-KVM host (minutes beside the other job tests): a longer limit.
     let fits = temp("fits.dat");
-    write_noise(&fits, 64 << 20);
+    write_noise(&fits, 40 << 20);
     let want = sha256_of(&fits);
     let spec = format!("{}:/fits.dat", fits.display());
     let r = run_hpcvm(
@@ -316,7 +317,7 @@ fn job_files_that_cannot_unpack_are_refused_and_those_that_can_arrive_whole() {
             "sha256sum",
             "/fits.dat",
         ],
-        JOB_TIMEOUT,
+        JOB_TIMEOUT * 2,
     );
     std::fs::remove_file(&fits).unwrap();
     assert_eq!(r.code, Some(0), "stderr: {}", r.stderr);
