@@ -8,7 +8,6 @@ use std::sync::Arc;
 
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
-use vmm_sys_util::timerfd::TimerFd;
 
 use crate::agent::{self, AgentLink};
 use crate::api::ApiSocket;
@@ -147,10 +146,7 @@ pub(crate) fn build(
             .try_clone()
             .map_err(io_err("the vCPU exit eventfd"))?,
     ));
-    let grace_timer = TimerFd::new()
-        .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
-        .and_then(non_blocking)
-        .map_err(io_err("the grace timer"))?;
+    let grace_timer = host::nonblocking_timer().map_err(io_err("the grace timer"))?;
     install_kick_handler().map_err(io_err("the vCPU kick signal handler"))?;
     let vcpus = create_vcpus(
         &vm.vm,
@@ -429,23 +425,6 @@ fn create_vcpus(
         });
     }
     Ok(vcpus)
-}
-
-/// `timer` with O_NONBLOCK: the control thread reads it only when epoll says it
-/// fired, but a shutdown in between may have re-armed it, and a read must never
-/// block the thread that serves destroy.
-fn non_blocking(timer: TimerFd) -> std::io::Result<TimerFd> {
-    let fd = std::os::fd::AsRawFd::as_raw_fd(&timer);
-    // SAFETY: F_GETFL/F_SETFL on a descriptor this function owns; no memory is passed.
-    let ok = unsafe {
-        let flags = libc::fcntl(fd, libc::F_GETFL);
-        flags >= 0 && libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) == 0
-    };
-    if ok {
-        Ok(timer)
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
 }
 
 #[cfg(test)]

@@ -23,6 +23,24 @@ pub fn kvm_pvm_loaded(sys: &Path) -> bool {
     sys.join("module/kvm_pvm").exists()
 }
 
+/// A timerfd whose read never blocks (CLOCK_MONOTONIC, close-on-exec): epoll may
+/// report it just before it is re-armed, and a read must never block the thread
+/// that serves destroy.
+pub fn nonblocking_timer() -> io::Result<vmm_sys_util::timerfd::TimerFd> {
+    // SAFETY: timerfd_create takes no pointers; the result is checked.
+    let fd = unsafe {
+        libc::timerfd_create(
+            libc::CLOCK_MONOTONIC,
+            libc::TFD_CLOEXEC | libc::TFD_NONBLOCK,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a new timerfd that nothing else owns.
+    Ok(unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) })
+}
+
 /// An anonymous in-memory file (memfd), closed on exec.
 pub fn memfd(name: &CStr) -> io::Result<File> {
     memfd_with(name, 0)

@@ -4,8 +4,8 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::io::{self, ErrorKind, Read, Write};
+use std::os::fd::OwnedFd;
 use std::os::fd::{AsRawFd, RawFd};
-use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -129,7 +129,7 @@ impl ApiSocket {
             handler,
             // SAFETY: getuid cannot fail.
             uid: unsafe { libc::getuid() },
-            timer: nonblocking_timer()?,
+            timer: crate::host::nonblocking_timer()?,
             armed: None,
             request_timeout: REQUEST_TIMEOUT,
             accept_paused_until: None,
@@ -179,22 +179,6 @@ pub struct ApiServer {
     request_timeout: Duration,
     /// Accepting paused (out of descriptors) until then.
     accept_paused_until: Option<Instant>,
-}
-
-/// A timerfd whose read never blocks: epoll may report it just before it is re-armed.
-fn nonblocking_timer() -> io::Result<TimerFd> {
-    // SAFETY: timerfd_create takes no pointers; the result is checked.
-    let fd = unsafe {
-        libc::timerfd_create(
-            libc::CLOCK_MONOTONIC,
-            libc::TFD_CLOEXEC | libc::TFD_NONBLOCK,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `fd` is a new timerfd that nothing else owns.
-    Ok(unsafe { TimerFd::from_raw_fd(fd) })
 }
 
 /// The uid of the process at the other end of `s`.
