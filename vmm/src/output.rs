@@ -29,9 +29,7 @@ const CHUNK: usize = 64 << 10;
 struct State {
     buf: VecDeque<u8>,
     dropped: u64,
-    /// The writer is in write(2) with bytes taken from `buf`.
-    writing: bool,
-    /// How many bytes it took.
+    /// Bytes the writer took from `buf` and is writing (0: it is not in write(2)).
     in_flight: usize,
     /// No more input: the writer exits once `buf` is empty.
     closed: bool,
@@ -125,8 +123,8 @@ fn pump(s: &Shared, out: &mut File) {
     loop {
         {
             let mut st = lock(&s.state);
-            if st.writing {
-                st.writing = false;
+            if st.in_flight > 0 {
+                st.in_flight = 0;
                 st.written += 1;
                 s.wake.notify_all();
             }
@@ -139,7 +137,6 @@ fn pump(s: &Shared, out: &mut File) {
             let n = st.buf.len().min(CHUNK);
             chunk.clear();
             chunk.extend(st.buf.drain(..n));
-            st.writing = true;
             st.in_flight = n;
         }
         if out.write_all(&chunk).is_err() {
@@ -172,7 +169,7 @@ impl OutputThread {
         st.closed = true;
         self.shared.wake.notify_all();
         let mut progress = (st.written, Instant::now());
-        while !st.buf.is_empty() || st.writing {
+        while !st.buf.is_empty() || st.in_flight > 0 {
             if st.written != progress.0 {
                 progress = (st.written, Instant::now());
             }
@@ -187,10 +184,9 @@ impl OutputThread {
                 .map(|(g, _)| g)
                 .unwrap_or_else(|e| e.into_inner().0);
         }
-        let done = st.buf.is_empty() && !st.writing;
+        let done = st.buf.is_empty() && st.in_flight == 0;
         // A chunk stuck in write(2) to a reader that takes nothing is lost too.
-        let stuck = if st.writing { st.in_flight } else { 0 };
-        let dropped = st.dropped + (st.buf.len() + stuck) as u64;
+        let dropped = st.dropped + (st.buf.len() + st.in_flight) as u64;
         let broken = st.broken;
         st.buf.clear();
         drop(st);
