@@ -149,34 +149,31 @@ pub fn apply(thread: Thread, filter: Option<&Filter>) -> Result<(), SeccompError
     let Some(filter) = filter else {
         return Ok(());
     };
-    remember_name(thread);
     seccompiler::apply_filter(&filter.program).map_err(|e| SeccompError::Install {
         thread: thread.name(),
         reason: e.to_string(),
     })?;
-    TRAPS.with(|c| c.set(filter.traps));
+    remember(thread, filter.traps);
     Ok(())
 }
 
-/// Keeps the calling thread's name for the trap handler.
-fn remember_name(thread: Thread) {
+/// Keeps what the trap handler and the panic hook need to know of the calling
+/// thread, now confined: its name, and whether its filter traps.
+fn remember(thread: Thread, traps: bool) {
     let mut name = [0u8; 16];
-    let own = std::thread::current()
-        .name()
-        .unwrap_or(thread.name())
-        .as_bytes()
-        .to_vec();
+    let current = std::thread::current();
+    let own = current.name().unwrap_or(thread.name()).as_bytes();
     let n = own.len().min(15);
     name[..n].copy_from_slice(&own[..n]);
     NAME.with(|c| c.set(name));
+    TRAPS.with(|c| c.set(traps));
 }
 
 /// For a thread started by a confined one (which inherits its filter): what the
 /// trap handler and the panic hook need to know of it.
 pub fn inherited(thread: Thread, mode: SeccompMode) {
     if mode != SeccompMode::Off {
-        remember_name(thread);
-        TRAPS.with(|c| c.set(mode == SeccompMode::On));
+        remember(thread, mode == SeccompMode::On);
     }
 }
 
