@@ -215,9 +215,10 @@ impl Console {
         while !i.pending.is_empty() {
             let pending = &mut i.pending;
             let took = queues.fill(rx, 1, |mem, chain| {
-                let (a, b) = pending.as_slices();
-                let bytes: Vec<u8> = a.iter().chain(b).take(INPUT_CHUNK).copied().collect();
-                let n = copy_to(mem, &Buffers::of(chain).writable, &bytes);
+                // Straight from the bounce buffer, no copy of it per chain.
+                let bytes = pending.make_contiguous();
+                let bytes = &bytes[..bytes.len().min(INPUT_CHUNK)];
+                let n = copy_to(mem, &Buffers::of(chain).writable, bytes);
                 pending.drain(..n as usize);
                 n as u32
             });
@@ -230,6 +231,17 @@ impl Console {
             let port = i.port as u32;
             self.outbox.push_back(control(port, event::PORT_OPEN, 0));
             self.flush_outbox(queues);
+        }
+    }
+
+    /// Fills the guest's buffers with what waits; a file-like input (a regular file,
+    /// /dev/null) is read here, a pollable one (a pipe) when the device thread sees
+    /// it readable.
+    fn feed_input(&mut self, queues: &mut DeviceQueues<'_>) {
+        if self.input_fd().is_some() {
+            self.deliver_input(queues);
+        } else {
+            self.pump_input(queues, false);
         }
     }
 
@@ -354,23 +366,13 @@ impl VirtioDevice for Console {
                 self.on_control(&m);
             }
             self.flush_outbox(queues);
-            // The guest may just have opened the input port: feed what waits, and a
-            // file-like input at once (a pipe waits for the device thread's poll).
-            if self.input_fd().is_some() {
-                self.deliver_input(queues);
-            } else {
-                self.pump_input(queues, false);
-            }
+            // The guest may just have opened the input port.
+            self.feed_input(queues);
         } else if index == CONTROL_RX {
             self.flush_outbox(queues);
         } else if self.input.as_ref().is_some_and(|i| rx_of(i.port) == index) {
-            // The driver gave buffers for input: fill them. A pollable fd is read
-            // when the device thread sees it readable; others (files, /dev/null) here.
-            if self.input_fd().is_some() {
-                self.deliver_input(queues);
-            } else {
-                self.pump_input(queues, false);
-            }
+            // The driver gave buffers for input: fill them.
+            self.feed_input(queues);
         } else if let Some(port) = port_of_tx(index) {
             // Written out before the buffer goes back to the driver, which may
             // reuse it at once.
