@@ -5,7 +5,8 @@
 //! them (`<name>.elf`) and [`guest_file`] of the other images (the bzImage).
 //! See `tests/guests/README.md` for what each guest does and prints.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::Command;
 
 pub mod fuzz;
 pub mod hugepages;
@@ -76,6 +77,20 @@ pub fn guest_file(file: &str) -> PathBuf {
         );
     }
     path
+}
+
+/// `mkfs.ext4 -d dir` into a `size` image at `out`.
+pub fn mkfs(dir: &Path, out: &Path, size: &str) {
+    // An existing file keeps mkfs from announcing that it creates one.
+    std::fs::File::create(out).unwrap();
+    let st = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-d"])
+        .arg(dir)
+        .arg(out)
+        .arg(size)
+        .status()
+        .expect("mkfs.ext4 (e2fsprogs; make deps installs it)");
+    assert!(st.success(), "mkfs.ext4 failed");
 }
 
 #[cfg(test)]

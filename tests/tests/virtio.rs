@@ -10,6 +10,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use hpcvm_tests::hugepages;
+use hpcvm_tests::mkfs;
 use hpcvm_tests::proc::run_hpcvm;
 
 /// Boot, job and exit together; generous for software KVM, where a boot takes 20-60 s.
@@ -37,20 +38,6 @@ impl Drop for Scratch {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
-}
-
-/// `mkfs.ext4 -d dir` into a `size` image at `out`.
-fn mkfs(dir: &Path, out: &Path, size: &str) {
-    // An existing file keeps mkfs from announcing that it creates one.
-    std::fs::File::create(out).unwrap();
-    let st = Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-d"])
-        .arg(dir)
-        .arg(out)
-        .arg(size)
-        .status()
-        .expect("mkfs.ext4 (e2fsprogs; make deps installs it)");
-    assert!(st.success(), "mkfs.ext4 failed");
 }
 
 fn sha256(data: &[u8]) -> String {

@@ -16,7 +16,7 @@ use crate::config::{CpusConfig, JobConfig, VmConfig};
 use crate::control::{self, signals::StopSignals};
 use crate::host;
 use crate::legacy::LegacyDevices;
-use crate::memory;
+use crate::memory::{self, numa::HostNodes, numa::NumaLayout};
 use crate::output;
 use crate::pci::{Passthrough, PciBus, VirtioSlot};
 use crate::runner::{RunOptions, VmAndMemory, Vmm};
@@ -88,12 +88,27 @@ pub(crate) fn build(
     let allowed = host::allowed_cpus().map_err(io_err("reading this process's CPU affinity"))?;
     check_affinity(&config.cpus, &allowed)?;
 
+    let host_nodes = HostNodes::read();
+    let numa = memory::numa::plan(
+        config.numa,
+        config.cpus.count,
+        config.memory.size,
+        config.memory.hugepages,
+        config.cpus.affinity.as_deref(),
+        &host_nodes,
+    )?;
     let vm = Arc::new(Vm::new(config.cpus.count)?);
     // In-kernel devices on one thread, guest RAM and the kernel image on this one.
     let pci_intx = crate::pci::intx_routes(host_devices.devices.len() + extra.len());
     let (irqchip, loaded) = std::thread::scope(|s| {
         let irqchip = s.spawn(|| vm.create_irqchip());
-        let loaded = prepare_memory(config, &allowed, software_kvm, &pci_intx);
+        let loaded = prepare_memory(
+            config,
+            (&numa, &host_nodes),
+            &allowed,
+            software_kvm,
+            &pci_intx,
+        );
         (irqchip.join(), loaded)
     });
     irqchip.map_err(|_| io_err("the irqchip thread")(std::io::Error::other("panicked")))??;
@@ -129,6 +144,22 @@ pub(crate) fn build(
             &mut mmio,
         )?)
     };
+    // Written once the buses exist: the tables describe what is on them.
+    crate::acpi::write(
+        &vm.mem,
+        &crate::acpi::Machine {
+            cpus: &places,
+            numa: &numa,
+            pci: pci.as_ref().map(|_| crate::acpi::PciRoot {
+                mmio64: (
+                    memory::layout::pci_mmio64_start(config.memory.size),
+                    memory::layout::PCI_MMIO64_SIZE,
+                ),
+                intx: &pci_intx,
+            }),
+            com2: legacy.agent_port.is_some(),
+        },
+    )?;
     let virtio_thread = match pci.as_ref().map(PciBus::virtio_devices) {
         Some(devs) if !devs.is_empty() => Some(
             VirtioThread::start(devs, config.seccomp)
@@ -151,6 +182,7 @@ pub(crate) fn build(
     let vcpus = create_vcpus(
         &vm.vm,
         config,
+        &numa,
         &places,
         &image,
         &vm.mem,
@@ -298,14 +330,18 @@ fn check_initramfs_fits(initramfs: &File, ram: u64) -> Result<(), Error> {
 /// Guest RAM with the kernel, initramfs and boot structures in it.
 fn prepare_memory(
     config: &VmConfig,
+    (numa, host_nodes): (&NumaLayout, &HostNodes),
     allowed: &[usize],
     software_kvm: bool,
     pci_intx: &[boot::mptable::PciIntx],
 ) -> Result<(GuestMemoryMmap, BootImage, Vec<VcpuPlace>), Error> {
     let mem = memory::create_guest_memory(&config.memory, !config.shares.is_empty())?;
+    // Before any page is touched: the policy decides where each page comes from.
+    memory::numa::bind(&mem, numa, config.memory.hugepages)?;
     if config.memory.prefault {
-        let cpus = config.cpus.affinity.as_deref().unwrap_or(allowed);
-        memory::prefault::prefault(&mem, config.memory.hugepages.bytes(), cpus)?;
+        let affinity = config.cpus.affinity.as_deref();
+        let parts = memory::numa::prefault_parts(&mem, numa, affinity, allowed, host_nodes)?;
+        memory::prefault::prefault_parts(&parts, config.memory.hugepages.bytes())?;
     }
     let ram = config.memory.size;
     let cmdline = guest_cmdline(config, software_kvm);
@@ -373,6 +409,7 @@ fn check_affinity(cpus: &CpusConfig, allowed: &[usize]) -> Result<(), Error> {
 fn create_vcpus(
     vm: &Vm,
     config: &VmConfig,
+    numa: &NumaLayout,
     places: &[VcpuPlace],
     image: &BootImage,
     mem: &GuestMemoryMmap,
@@ -381,6 +418,10 @@ fn create_vcpus(
     software_kvm: bool,
 ) -> Result<Vec<Vcpu>, Error> {
     let msrs = msr::boot_msrs(&vm.msr_index);
+    // Guest nodes split the package: each node's vCPUs share a last-level cache.
+    let llc_sharing = (numa.nodes.len() > 1)
+        .then(|| numa.nodes.iter().map(|n| n.vcpus.len() as u32).max())
+        .flatten();
     let mut vcpus = Vec::with_capacity(places.len());
     for place in places {
         let i = place.index;
@@ -400,6 +441,7 @@ fn create_vcpus(
             &config.cpus.topology,
             place,
             software_kvm,
+            llc_sharing,
         );
         fd.set_cpuid2(&cpuid).map_err(setup("SET_CPUID2"))?;
         let set = fd.set_msrs(&msrs).map_err(setup("SET_MSRS"))?;

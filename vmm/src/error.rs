@@ -41,6 +41,9 @@ pub enum Error {
     /// Kernel, initramfs, boot structures.
     #[error(transparent)]
     Boot(#[from] BootError),
+    /// The ACPI tables.
+    #[error(transparent)]
+    Acpi(#[from] crate::acpi::AcpiError),
     /// A `--device` cannot be passed through on this host.
     #[error("Cannot pass through {spec}: {source}")]
     Passthrough {

@@ -129,6 +129,7 @@ pub fn for_error(err: &Error) -> u8 {
         Error::Boot(BootError::Cmdline(_)) => CONFIG,
         Error::Boot(_) => IMAGE,
         Error::Memory(MemoryError::Layout(_)) => INTERNAL,
+        Error::Memory(MemoryError::Numa(_)) => CONFIG,
         Error::Memory(_) => HOST_RESOURCES,
         Error::Vm(VmError::OpenKvm(_) | VmError::ApiVersion(_) | VmError::TooManyVcpus { .. }) => {
             HOST_RESOURCES
@@ -143,7 +144,7 @@ pub fn for_error(err: &Error) -> u8 {
         Error::Passthrough { .. } | Error::Pci(_) => HOST_RESOURCES,
         Error::Disk(_) => DISK,
         Error::Share(_) => SHARE,
-        Error::Io { .. } => INTERNAL,
+        Error::Io { .. } | Error::Acpi(_) => INTERNAL,
         Error::Seccomp(crate::seccomp::SeccompError::BadMode(_)) => CONFIG,
         Error::Seccomp(_) => INTERNAL,
     }

@@ -1,11 +1,13 @@
-//! Wires the legacy devices to the VM: COM1 on IRQ 4 (irqfd) writing to stdout, COM2
-//! on IRQ 3 as the guest agent's channel when a job runs, and the i8042 whose reset
-//! command ends the guest.
+//! Wires the platform devices to the VM: COM1 on IRQ 4 (irqfd) writing to stdout, COM2
+//! on IRQ 3 as the guest agent's channel when a job runs, the i8042 whose reset
+//! command ends the guest, and the ACPI platform (S5 ends the guest too; its power
+//! button asks the guest to shut down).
 
 use std::io::{self, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
+use devices::acpi::{AcpiPlatform, ACPI_PLATFORM_BASE, ACPI_PLATFORM_PORTS};
 use devices::legacy::i8042::{I8042_BASE, I8042_PORTS, KBD_IRQ};
 use devices::legacy::serial::{COM1_BASE, COM1_IRQ, COM2_BASE, COM2_IRQ, UART_PORTS};
 use devices::legacy::{Uart, I8042};
@@ -32,6 +34,10 @@ pub struct LegacyDevices {
     pub panicked: Arc<AtomicBool>,
     /// Fired by the i8042 when the guest resets the machine.
     pub reset_evt: EventFd,
+    /// The ACPI platform, for its power button.
+    pub acpi: Arc<Mutex<AcpiPlatform>>,
+    /// Fired when the guest enters S5 (ACPI poweroff).
+    pub poweroff_evt: EventFd,
 }
 
 impl LegacyDevices {
@@ -61,9 +67,29 @@ impl LegacyDevices {
             Some(EventFdTrigger::new(kbd_irq)),
         )));
 
+        let poweroff_evt =
+            EventFd::new(EFD_NONBLOCK).map_err(io_err("the ACPI poweroff eventfd"))?;
+        let ged_irq = EventFd::new(EFD_NONBLOCK).map_err(io_err("the power button eventfd"))?;
+        vm.register_irqfd(&ged_irq, crate::acpi::GED_GSI)?;
+        let acpi = Arc::new(Mutex::new(AcpiPlatform::new(
+            EventFdTrigger::new(
+                poweroff_evt
+                    .try_clone()
+                    .map_err(io_err("the ACPI poweroff eventfd"))?,
+            ),
+            EventFdTrigger::new(ged_irq),
+        )));
+
         let mut bus = PioBus::pio();
         bus.insert(COM1_BASE.into(), UART_PORTS.into(), console.clone())
             .and_then(|_| bus.insert(I8042_BASE.into(), I8042_PORTS.into(), i8042.clone()))
+            .and_then(|_| {
+                bus.insert(
+                    ACPI_PLATFORM_BASE.into(),
+                    ACPI_PLATFORM_PORTS.into(),
+                    acpi.clone(),
+                )
+            })
             .map_err(|e| Error::Io {
                 what: "the port-I/O bus",
                 source: io::Error::other(e),
@@ -90,6 +116,8 @@ impl LegacyDevices {
             i8042,
             panicked,
             reset_evt,
+            acpi,
+            poweroff_evt,
         })
     }
 }

@@ -1,25 +1,5 @@
-//! The VM as a program holds it: [`Vmm::build`] makes it from a [`VmConfig`],
-//! [`Vmm::handle`] gives a [`VmHandle`] to control it from any thread, and
-//! [`Vmm::run`] runs it to its end and returns the [`Outcome`]. What changes the
-//! whole process (signal handling, the terminal, the scheduler slice) is asked for
-//! in [`RunOptions`]; the `hpcvm` binary asks for all of it.
-//!
-//! ```no_run
-//! use vmm::{RunOptions, VmConfig, Vmm};
-//! # fn config() -> VmConfig { unimplemented!() }
-//! let vmm = Vmm::build(&config(), RunOptions::default())?;
-//! let handle = vmm.handle();
-//! let vm = std::thread::spawn(move || vmm.run());
-//! println!("{:?}", handle.status()?.state);
-//! handle.destroy()?;
-//! let outcome = vm.join().expect("the VM thread")?;
-//! # Ok::<(), Box<dyn std::error::Error>>(())
-//! ```
-//!
-//! With `seccomp` on (the default), [`Vmm::run`] confines the thread it runs on with
-//! the control thread's filter, for good: run it on a thread of its own, as above.
-//! The vCPU threads are kicked with a real-time signal (SIGRTMIN), whose handler is
-//! installed once per process.
+//! The VM as a program holds it ([`Vmm`], [`RunOptions`]); the crate root's
+//! documentation shows how to use it.
 
 use std::cell::RefCell;
 use std::os::fd::OwnedFd;
@@ -199,6 +179,7 @@ impl Vmm {
             vcpus: handles,
             apic_ids,
             i8042: legacy.i8042.clone(),
+            acpi: legacy.acpi.clone(),
             agent,
             panicked: legacy.panicked.clone(),
         };
@@ -226,6 +207,7 @@ impl Vmm {
                     LoopInputs {
                         vcpu_evt,
                         reset_evt: legacy.reset_evt,
+                        poweroff_evt: legacy.poweroff_evt,
                         signals,
                         api: api.as_ref(),
                         console: legacy.console.clone(),

@@ -10,6 +10,7 @@ use linux_loader::loader::elf::start_info::{
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 use super::{BootError, BootImage, Protocol};
+use crate::acpi::RSDP_START;
 use crate::memory::layout::{
     memory_map, CMDLINE_START, PVH_INFO_START, PVH_MEMMAP_START, PVH_MODLIST_START, ZERO_PAGE_START,
 };
@@ -69,6 +70,7 @@ fn write_pvh(
         } else {
             PVH_MODLIST_START
         },
+        rsdp_paddr: RSDP_START,
         ..Default::default()
     };
     let mut params = BootParams::new(&info, GuestAddress(PVH_INFO_START));
@@ -93,6 +95,7 @@ fn write_zero_page(
         bp.hdr.kernel_alignment = KERNEL_MIN_ALIGNMENT;
     }
     bp.hdr.type_of_loader = KERNEL_LOADER_OTHER;
+    bp.acpi_rsdp_addr = RSDP_START;
     bp.hdr.cmd_line_ptr = CMDLINE_START as u32;
     bp.hdr.cmdline_size = image.cmdline_len as u32;
     if let Some((addr, size)) = image.initramfs {
@@ -156,6 +159,7 @@ mod tests {
             (0x3ff_f000, 0x1234)
         );
         assert_eq!(bp.e820_entries, 3);
+        assert_eq!({ bp.acpi_rsdp_addr }, RSDP_START);
         let e: Vec<(u64, u64, u32)> = bp.e820_table[..3]
             .iter()
             .map(|x| ({ x.addr }, { x.size }, { x.r#type }))
@@ -177,6 +181,7 @@ mod tests {
         assert_eq!(si.cmdline_paddr, CMDLINE_START);
         assert_eq!((si.nr_modules, si.modlist_paddr), (1, PVH_MODLIST_START));
         assert_eq!(si.memmap_entries, 3);
+        assert_eq!(si.rsdp_paddr, RSDP_START);
         let module: hvm_modlist_entry = m.read_obj(GuestAddress(PVH_MODLIST_START)).unwrap();
         assert_eq!((module.paddr, module.size), (0x0300_0000, 777));
         let last: hvm_memmap_table_entry =

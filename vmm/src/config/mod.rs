@@ -6,6 +6,7 @@ pub mod cpus;
 pub mod device;
 pub mod disk;
 pub mod memory;
+pub mod numa;
 pub mod request;
 pub mod share;
 
@@ -16,6 +17,7 @@ pub use cpus::{CpusConfig, Topology};
 pub use device::DeviceConfig;
 pub use disk::DiskConfig;
 pub use memory::{HugePageSize, MemoryConfig};
+pub use numa::NumaConfig;
 pub use share::ShareConfig;
 use thiserror::Error;
 
@@ -53,6 +55,14 @@ pub enum ConfigError {
     /// `--share` did not parse.
     #[error("Invalid --share '{value}': {reason}")]
     Share {
+        /// The option string as given.
+        value: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// `--numa` did not parse.
+    #[error("Invalid --numa '{value}': {reason}")]
+    Numa {
         /// The option string as given.
         value: String,
         /// What is wrong with it.
@@ -199,6 +209,8 @@ pub struct VmConfig {
     pub cpus: CpusConfig,
     /// Guest RAM size and backing.
     pub memory: MemoryConfig,
+    /// The guest's NUMA nodes and where their RAM lives on the host.
+    pub numa: NumaConfig,
     /// API socket and shutdown grace period.
     pub control: ControlConfig,
     /// The command to run through the guest agent, if any.
@@ -228,6 +240,7 @@ impl VmConfig {
             },
             cpus: CpusConfig::default(),
             memory: MemoryConfig::default(),
+            numa: NumaConfig::default(),
             control: ControlConfig::default(),
             job: None,
             devices: Vec::new(),

@@ -37,6 +37,10 @@ pub struct RunRequest {
     /// --from-allocation: the job's memory limit minus hpcvm's reserve).
     #[arg(long, value_name = "SPEC")]
     pub memory: Option<String>,
+    /// Guest NUMA nodes: auto (one per host node the pinned vCPUs use, RAM bound to
+    /// it), off, or N nodes with the vCPUs and RAM split evenly (default auto).
+    #[arg(long, value_name = "auto|off|N", default_value = "auto")]
+    pub numa: String,
     /// Size and pin the VM from this job's allocation: one vCPU per CPU of this
     /// process's affinity (its cpuset), pinned 1:1, topology mirroring the host; memory
     /// from the memory cgroup limit, SLURM_MEM_PER_NODE/PER_CPU or scontrol; the
@@ -241,6 +245,7 @@ fn config_from(args: RunRequest) -> Result<VmConfig, CliError> {
             },
             cpus,
             memory,
+            numa: args.numa.parse()?,
             control: ControlConfig {
                 api_socket: args.api_socket,
                 grace_period: Duration::from_secs_f64(args.grace_period),

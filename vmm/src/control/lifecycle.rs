@@ -6,12 +6,13 @@
 //! | paused         | resume, then as running         | -> destroyed | (cannot happen) | -                    |
 //! | shutting-down  | notify again, keep deadline     | -> destroyed | -> shut down     | -> destroyed after grace |
 //!
-//! "Notify the guest" is Ctrl-Alt-Del on the i8042 for now (a guest agent message where
-//! one runs, once there is one). SIGTERM/SIGINT mean shutdown; the second one, destroy.
+//! "Notify the guest" is SIGTERM to the job where the guest agent runs one; otherwise
+//! the ACPI power button, and Ctrl-Alt-Del on the i8042 for a guest without ACPI. SIGTERM/SIGINT mean shutdown; the second one, destroy.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use devices::acpi::AcpiPlatform;
 use devices::legacy::I8042;
 use hpcvm_agent::{JobError, JobExit};
 
@@ -103,6 +104,8 @@ pub struct RunningVm {
     pub apic_ids: Vec<u32>,
     /// The i8042, for Ctrl-Alt-Del.
     pub i8042: Arc<Mutex<I8042>>,
+    /// The ACPI platform, for its power button.
+    pub acpi: Arc<Mutex<AcpiPlatform>>,
     /// The guest agent channel, when a job runs.
     pub agent: Option<(Arc<AgentLink>, Arc<Mutex<AgentPort>>)>,
     /// Set when the guest kernel announced a panic on its console.
@@ -115,6 +118,7 @@ pub struct Controller {
     vcpus: Vec<VcpuHandle>,
     apic_ids: Vec<u32>,
     i8042: Arc<Mutex<I8042>>,
+    acpi: Arc<Mutex<AcpiPlatform>>,
     agent: Option<(Arc<AgentLink>, Arc<Mutex<AgentPort>>)>,
     panicked: Arc<std::sync::atomic::AtomicBool>,
     default_grace: Duration,
@@ -138,6 +142,7 @@ impl Controller {
             vcpus: parts.vcpus,
             apic_ids: parts.apic_ids,
             i8042: parts.i8042,
+            acpi: parts.acpi,
             agent: parts.agent,
             panicked: parts.panicked,
             default_grace,
@@ -189,7 +194,13 @@ impl Controller {
                 link.signal(libc::SIGTERM as u8);
                 devices::lock(port).flush_to_guest();
             }
-            None => devices::lock(&self.i8042).ctrl_alt_del(),
+            // The power button (what systemd and acpid act on; hpcvm's guest kernel
+            // turns it into SIGRTMIN+4 for init), and Ctrl-Alt-Del for a kernel
+            // booted without ACPI.
+            None => {
+                devices::lock(&self.acpi).press_power_button();
+                devices::lock(&self.i8042).ctrl_alt_del();
+            }
         }
         let now = Instant::now();
         // At most a day (what the socket accepts), whatever a program asks for.
@@ -263,6 +274,12 @@ impl Controller {
                 grace: deadline - since,
             });
         }
+    }
+
+    /// The guest powered off through ACPI (S5).
+    pub fn guest_powered_off(&mut self) {
+        self.shared.record(GuestExit::Poweroff);
+        self.guest_stopped();
     }
 
     /// The guest reset the machine through the i8042.

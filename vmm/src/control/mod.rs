@@ -1,4 +1,5 @@
-//! The VMM's control loop on event-manager: the guest stopping, stop signals, the
+//! The VMM's control loop on event-manager: the guest stopping (a vCPU exit, an i8042
+//! reset, ACPI S5), stop signals, the
 //! grace timer, the API socket and terminal input are its events; [`Controller`]
 //! decides what each means.
 
@@ -31,6 +32,8 @@ pub struct LoopInputs<'a> {
     pub vcpu_evt: EventFd,
     /// Signalled by the i8042 reset line.
     pub reset_evt: EventFd,
+    /// Signalled when the guest enters ACPI S5.
+    pub poweroff_evt: EventFd,
     /// SIGTERM/SIGINT, when the VMM handles the process's signals.
     pub signals: Option<StopSignals>,
     /// Put a terminal stdin in raw mode and feed it to COM1.
@@ -48,6 +51,7 @@ struct LifecycleEvents {
     ctl: Rc<RefCell<Controller>>,
     vcpu_evt: EventFd,
     reset_evt: EventFd,
+    poweroff_evt: EventFd,
     signals: Option<StopSignals>,
     /// When the first stop signal arrived.
     first_stop: Option<Instant>,
@@ -57,10 +61,8 @@ impl MutEventSubscriber for LifecycleEvents {
     fn init(&mut self, ops: &mut EventOps) {
         let timer = self.ctl.borrow().grace_timer().as_raw_fd();
         let signals = self.signals.as_ref().map(AsRawFd::as_raw_fd);
-        for fd in [self.vcpu_evt.as_raw_fd(), self.reset_evt.as_raw_fd(), timer]
-            .into_iter()
-            .chain(signals)
-        {
+        let stops = [&self.vcpu_evt, &self.reset_evt, &self.poweroff_evt].map(AsRawFd::as_raw_fd);
+        for fd in stops.into_iter().chain([timer]).chain(signals) {
             // Failing to watch one of these leaves the VM without that way out;
             // epoll_ctl only fails on resource exhaustion at this point.
             let _ = ops.add(Events::new_raw(fd, EventSet::IN));
@@ -73,6 +75,9 @@ impl MutEventSubscriber for LifecycleEvents {
         if fd == self.reset_evt.as_raw_fd() {
             let _ = self.reset_evt.read();
             ctl.guest_reset();
+        } else if fd == self.poweroff_evt.as_raw_fd() {
+            let _ = self.poweroff_evt.read();
+            ctl.guest_powered_off();
         } else if fd == self.vcpu_evt.as_raw_fd() {
             let _ = self.vcpu_evt.read();
             ctl.guest_stopped();
@@ -114,6 +119,7 @@ pub fn run(ctl: Rc<RefCell<Controller>>, inputs: LoopInputs<'_>) -> Result<(), E
         ctl: ctl.clone(),
         vcpu_evt: inputs.vcpu_evt,
         reset_evt: inputs.reset_evt,
+        poweroff_evt: inputs.poweroff_evt,
         signals: inputs.signals,
         first_stop: None,
     }));

@@ -2,6 +2,7 @@
 
 pub mod hugepages;
 pub mod layout;
+pub mod numa;
 pub mod prefault;
 
 use std::io;
@@ -10,7 +11,7 @@ use std::sync::Arc;
 use thiserror::Error;
 
 use vm_memory::mmap::MmapRegionBuilder;
-use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
+use vm_memory::{FileOffset, GuestMemoryMmap, GuestRegionMmap};
 
 use crate::config::{memory::fmt_size, HugePageSize, MemoryConfig};
 pub use hugepages::HugePagePool;
@@ -76,6 +77,22 @@ pub enum MemoryError {
         /// Guest RAM size.
         size: String,
         /// Why.
+        source: io::Error,
+    },
+    /// The guest's NUMA nodes cannot be laid out as asked.
+    #[error("Cannot lay out guest NUMA nodes: {0}")]
+    Numa(String),
+    /// A host node's hugepage pool cannot back its guest node.
+    #[error("Not enough hugepages on a host NUMA node: {0}")]
+    NodePool(String),
+    /// Binding a node's RAM to its host node failed.
+    #[error("Cannot bind {size} of guest RAM to host NUMA node {node} (mbind): {source}")]
+    Bind {
+        /// The host node.
+        node: u32,
+        /// How much RAM.
+        size: String,
+        /// The mbind error.
         source: io::Error,
     },
     /// Populating guest RAM failed.
@@ -237,14 +254,6 @@ pub fn meminfo_bytes(key: &str) -> Option<u64> {
         let kib: u64 = rest.trim().trim_end_matches("kB").trim().parse().ok()?;
         Some(kib << 10)
     })
-}
-
-/// Start and size of every RAM region, for the guest's memory map and KVM slots.
-pub fn regions(mem: &GuestMemoryMmap) -> Vec<(GuestAddress, u64, u64)> {
-    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
-    mem.iter()
-        .map(|r| (r.start_addr(), r.len(), r.as_ptr() as u64))
-        .collect()
 }
 
 #[cfg(test)]

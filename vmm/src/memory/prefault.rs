@@ -6,33 +6,43 @@
 
 use std::io;
 
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
-
 use super::MemoryError;
 
-/// Populates every page of `mem` writable, using one thread per CPU in `cpus`.
-pub fn prefault(mem: &GuestMemoryMmap, page_size: u64, cpus: &[usize]) -> Result<(), MemoryError> {
-    let threads = cpus.len().max(1);
+/// Host memory to populate and the host CPUs to do it from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Part {
+    /// (host address, length) ranges.
+    pub ranges: Vec<(usize, usize)>,
+    /// CPUs the threads for these ranges are pinned to, one thread per CPU (at least
+    /// one thread, unpinned, when empty).
+    pub cpus: Vec<usize>,
+}
+
+/// Populates every part from its own CPUs (a guest NUMA node from its host node's),
+/// all parts at once.
+pub fn prefault_parts(parts: &[Part], page_size: u64) -> Result<(), MemoryError> {
     let page = page_size as usize;
-    let mut work: Vec<(usize, usize)> = Vec::new(); // (host address, length)
-    for region in mem.iter() {
-        let base = region.as_ptr() as usize;
-        let len = region.len() as usize;
-        let pages = len / page;
-        let per = pages.div_ceil(threads).max(1);
-        let mut off = 0;
-        while off < len {
-            let chunk = (per * page).min(len - off);
-            work.push((base + off, chunk));
-            off += chunk;
+    let mut work: Vec<(usize, usize, Option<usize>)> = Vec::new(); // (address, length, CPU)
+    for part in parts {
+        let threads = part.cpus.len().max(1);
+        let mut n = 0;
+        for &(base, len) in &part.ranges {
+            let pages = len / page;
+            let per = pages.div_ceil(threads).max(1);
+            let mut off = 0;
+            while off < len {
+                let chunk = (per * page).min(len - off);
+                work.push((base + off, chunk, part.cpus.get(n % threads).copied()));
+                n += 1;
+                off += chunk;
+            }
         }
     }
     std::thread::scope(|s| {
         let handles: Vec<_> = work
             .iter()
             .enumerate()
-            .map(|(i, &(addr, len))| {
-                let cpu = cpus.get(i % threads).copied();
+            .map(|(i, &(addr, len, cpu))| {
                 std::thread::Builder::new()
                     .name(format!("prefault{i}"))
                     .spawn_scoped(s, move || {

@@ -44,16 +44,20 @@ pub const SOFTWARE_KVM_GLIBC_TUNABLES: &str = "glibc.cpu.hwcaps=-AVX,-AVX2,-AVX5
 /// Leaf 7 features hidden on a software-KVM host.
 pub const SOFTWARE_KVM_HIDDEN_LEAF7_EBX: u32 = EBX7_SMAP;
 
-/// Builds the CPUID of the vCPU at `place` from KVM's supported set.
+/// Builds the CPUID of the vCPU at `place` from KVM's supported set. The last-level
+/// cache is shared by the package, or by `llc_sharing` vCPUs when the package is split
+/// into NUMA nodes (Linux wants no LLC to span two nodes).
 pub fn vcpu_cpuid(
     supported: &CpuId,
     topo: &Topology,
     place: &VcpuPlace,
     software_kvm: bool,
+    llc_sharing: Option<u32>,
 ) -> CpuId {
     let smt_bits = id_bits(topo.threads);
     let pkg_bits = smt_bits + id_bits(topo.cores);
     let per_pkg = topo.cores * topo.threads;
+    let llc = llc_sharing.unwrap_or(per_pkg).clamp(1, per_pkg);
     let amd = is_amd(supported);
 
     let mut out: Vec<kvm_cpuid_entry2> = Vec::with_capacity(supported.as_slice().len() + 3);
@@ -74,15 +78,19 @@ pub fn vcpu_cpuid(
             }
             0x4 => {
                 // Deterministic cache parameters: cores per package and who shares each
-                // cache (L1/L2 per core, L3 per package).
+                // cache (L1/L2 per core, L3 per package or NUMA node).
                 let level = (e.eax >> 5) & 0x7;
-                let sharing = if level >= 3 { per_pkg } else { topo.threads };
+                let sharing = if level >= 3 { llc } else { topo.threads };
                 e.eax = (e.eax & 0x3ff)
                     | ((sharing - 1).min(0xfff) << 14)
                     | ((topo.cores - 1).min(0x3f) << 26);
             }
             0x7 if e.index == 0 && software_kvm => e.ebx &= !SOFTWARE_KVM_HIDDEN_LEAF7_EBX,
             0xb | 0x1f => continue, // rebuilt below
+            // AMD's cache topology: Linux derives the LLC's sharers from it.
+            0x8000_001d if amd && (e.eax >> 5) & 0x7 >= 3 => {
+                e.eax = (e.eax & !(0xfff << 14)) | ((llc - 1).min(0xfff) << 14);
+            }
             0x8000_0008 if amd => {
                 e.ecx = (e.ecx & !0xf0ff) | (pkg_bits << 12) | (per_pkg - 1).min(0xff);
             }
@@ -171,7 +179,7 @@ mod tests {
             cores: 4,
             threads: 1,
         };
-        let c = vcpu_cpuid(&host(), &t, &place(&t, 3), false);
+        let c = vcpu_cpuid(&host(), &t, &place(&t, 3), false, None);
         let l1 = leaf(&c, 1, 0);
         assert_eq!(l1.ebx >> 24, 3);
         assert_eq!((l1.ebx >> 16) & 0xff, 4);
@@ -187,7 +195,7 @@ mod tests {
             cores: 1,
             threads: 1,
         };
-        let c = vcpu_cpuid(&host(), &t, &place(&t, 0), false);
+        let c = vcpu_cpuid(&host(), &t, &place(&t, 0), false, None);
         assert_eq!(leaf(&c, 1, 0).ecx, 0xfffa_3203 | ECX_HYPERVISOR);
         assert_eq!(leaf(&c, 7, 0).ebx, 0xffff_ffff);
         assert_eq!(leaf(&c, 1, 0).edx & EDX_HTT, 0, "one CPU: no HTT");
@@ -200,7 +208,7 @@ mod tests {
             cores: 1,
             threads: 1,
         };
-        let c = vcpu_cpuid(&host(), &t, &place(&t, 0), true);
+        let c = vcpu_cpuid(&host(), &t, &place(&t, 0), true, None);
         let ecx = leaf(&c, 1, 0).ecx;
         for (bit, name) in [
             (ECX_XSAVE, "xsave"),
@@ -226,7 +234,7 @@ mod tests {
             threads: 2,
         };
         let p = place(&t, 7); // socket 1, core 0, thread 1 -> apic 9
-        let c = vcpu_cpuid(&host(), &t, &p, false);
+        let c = vcpu_cpuid(&host(), &t, &p, false, None);
         let smt = leaf(&c, 0xb, 0);
         let core = leaf(&c, 0xb, 1);
         let end = leaf(&c, 0xb, 2);
@@ -247,7 +255,7 @@ mod tests {
             cores: 8,
             threads: 2,
         };
-        let c = vcpu_cpuid(&host(), &t, &place(&t, 0), false);
+        let c = vcpu_cpuid(&host(), &t, &place(&t, 0), false, None);
         let l1 = leaf(&c, 4, 0);
         let l3 = leaf(&c, 4, 3);
         assert_eq!(l1.eax >> 26, 7);
