@@ -11,6 +11,7 @@ use std::process::Command;
 pub mod fuzz;
 pub mod hugepages;
 pub mod proc;
+pub mod scratch;
 
 /// Directory holding the built guests (set by `build.rs`).
 pub const GUEST_DIR: &str = env!("HPCVM_TEST_GUEST_DIR");

@@ -4,12 +4,10 @@
 //! An image's own init gets the ACPI power button on `shutdown` (SIGRTMIN+4, as systemd
 //! expects) and powers off through the FADT's sleep register.
 
-use std::os::unix::fs::PermissionsExt;
-use std::path::PathBuf;
 use std::time::Duration;
 
-use hpcvm_tests::mkfs;
 use hpcvm_tests::proc::{run_hpcvm, signal, RunningVm};
+use hpcvm_tests::scratch::Scratch;
 
 /// Boot, job and exit together; generous for software KVM, where a boot takes 20-60 s.
 const JOB_TIMEOUT: Duration = Duration::from_secs(300);
@@ -17,24 +15,6 @@ const JOB_TIMEOUT: Duration = Duration::from_secs(300);
 const CONFIG: i32 = 160;
 /// hpcvm's exit status after a shutdown request the guest honoured.
 const SHUT_DOWN: i32 = 167;
-
-/// A scratch directory for one test, removed when dropped.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(test: &str) -> Self {
-        let d = std::env::temp_dir().join(format!("hpcvm-acpi-{}-{test}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        Self(d)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// `(start address, line)` of each guest RAM mapping in `pid`'s numa_maps (the RAM is
 /// the `hpcvm-guest-ram` memfd when the working directory is shared).
@@ -120,26 +100,15 @@ fn a_numa_layout_that_cannot_be_built_is_refused_before_boot() {
 
 #[test]
 fn shutdown_presses_the_power_button_and_the_guest_powers_off_through_acpi() {
-    let s = Scratch::new("button");
-    let root = s.0.join("root");
-    for d in ["bin", "sbin"] {
-        std::fs::create_dir_all(root.join(d)).unwrap();
-    }
-    std::fs::copy("/bin/busybox", root.join("bin/busybox")).expect("busybox-static");
-    std::os::unix::fs::symlink("busybox", root.join("bin/sh")).unwrap();
-    let init = root.join("sbin/init");
+    let s = Scratch::new("acpi", "button");
     // What systemd does on SIGRTMIN+4 (signal 38), in three lines.
-    std::fs::write(
-        &init,
+    let image = s.image_with_init(
+        "init.ext4",
         "#!/bin/sh\n\
          trap '/bin/busybox echo \"init: power button\"; /bin/busybox poweroff -f' 38\n\
          /bin/busybox echo \"init: waiting\"\n\
          while :; do /bin/busybox sleep 1; done\n",
-    )
-    .unwrap();
-    std::fs::set_permissions(&init, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let image = s.0.join("init.ext4");
-    mkfs(&root, &image, "8M");
+    );
     let mut vm = RunningVm::start(&[
         "run",
         "--memory",

@@ -5,40 +5,19 @@
 //! arrive intact with stdout and stderr apart. Bad disks are refused before boot.
 
 use std::os::fd::AsRawFd;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
 use hpcvm_tests::hugepages;
 use hpcvm_tests::mkfs;
 use hpcvm_tests::proc::run_hpcvm;
+use hpcvm_tests::scratch::Scratch;
 
 /// Boot, job and exit together; generous for software KVM, where a boot takes 20-60 s.
 const JOB_TIMEOUT: Duration = Duration::from_secs(300);
 /// The exit status for an unusable disk or image.
 const DISK: i32 = 171;
-
-/// A scratch directory for one test, removed when dropped.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(test: &str) -> Self {
-        let d = std::env::temp_dir().join(format!("hpcvm-virtio-{}-{test}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        Self(d)
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 fn sha256(data: &[u8]) -> String {
     let mut child = Command::new("sha256sum")
@@ -71,7 +50,7 @@ fn noise(len: usize) -> Vec<u8> {
 
 #[test]
 fn disks_are_read_and_written_and_job_output_arrives_intact() {
-    let s = Scratch::new("disks");
+    let s = Scratch::new("virtio", "disks");
     let tree = s.path("tree");
     std::fs::create_dir_all(tree.join("sub")).unwrap();
     std::fs::write(tree.join("input.dat"), "input deck 42\n").unwrap();
@@ -142,7 +121,7 @@ fn disks_are_read_and_written_and_job_output_arrives_intact() {
 
 #[test]
 fn an_image_is_the_root_of_jobs_in_two_vms_at_once_and_stays_unchanged() {
-    let s = Scratch::new("image");
+    let s = Scratch::new("virtio", "image");
     let root = s.path("root");
     for d in ["bin", "etc"] {
         std::fs::create_dir_all(root.join(d)).unwrap();
@@ -189,7 +168,7 @@ fn an_image_is_the_root_of_jobs_in_two_vms_at_once_and_stays_unchanged() {
 
 #[test]
 fn unusable_disks_and_images_are_refused_before_boot() {
-    let s = Scratch::new("refused");
+    let s = Scratch::new("virtio", "refused");
     let run = |args: &[&str]| run_hpcvm(args, Duration::from_secs(30));
     let expect = |args: &[&str], code: i32, needle: &str| {
         let r = run(args);
@@ -258,7 +237,7 @@ fn unusable_disks_and_images_are_refused_before_boot() {
             "--kernel",
             &kernel,
             "--disk",
-            &s.0.display().to_string(),
+            &s.dir().display().to_string(),
         ],
         DISK,
         "is not a regular file or block device",
@@ -297,7 +276,7 @@ fn assert_no_virtiofsd(dir: &Path) {
 
 #[test]
 fn the_working_directory_is_shared_and_results_land_there() {
-    let s = Scratch::new("cwd");
+    let s = Scratch::new("virtio", "cwd");
     let work = s.path("job");
     let inputs = s.path("inputs");
     std::fs::create_dir_all(&work).unwrap();
@@ -333,7 +312,7 @@ fn the_working_directory_is_shared_and_results_land_there() {
 
 #[test]
 fn sigkill_and_destroy_during_file_io_leave_no_virtiofsd() {
-    let s = Scratch::new("kill");
+    let s = Scratch::new("virtio", "kill");
     let dir = s.path("share");
     std::fs::create_dir_all(&dir).unwrap();
     let sock = s.path("api.sock");
@@ -383,7 +362,7 @@ fn sigkill_and_destroy_during_file_io_leave_no_virtiofsd() {
 
 #[test]
 fn a_virtiofsd_that_dies_mid_job_gives_the_job_io_errors_not_a_hang() {
-    let s = Scratch::new("fsdeath");
+    let s = Scratch::new("virtio", "fsdeath");
     let dir = s.path("share");
     std::fs::create_dir_all(&dir).unwrap();
     let share = format!("{}:/out", dir.display());
@@ -427,7 +406,7 @@ fn a_virtiofsd_that_dies_mid_job_gives_the_job_io_errors_not_a_hang() {
 
 #[test]
 fn a_missing_share_or_virtiofsd_is_refused_before_boot() {
-    let s = Scratch::new("noshare");
+    let s = Scratch::new("virtio", "noshare");
     let gone = s.path("gone");
     let r = run_hpcvm(
         &[
@@ -455,7 +434,7 @@ fn a_missing_share_or_virtiofsd_is_refused_before_boot() {
             bin.to_str().unwrap(),
             "run",
             "--share",
-            s.0.to_str().unwrap(),
+            s.dir().to_str().unwrap(),
         ]);
         args.extend(["--", "true"]);
         hpcvm_tests::proc::run_program(Path::new("/usr/bin/env"), &args, Duration::from_secs(30))
@@ -482,23 +461,11 @@ fn a_missing_share_or_virtiofsd_is_refused_before_boot() {
 
 #[test]
 fn an_image_without_a_command_boots_its_own_init() {
-    let s = Scratch::new("init");
-    let root = s.path("root");
-    for d in ["bin", "sbin"] {
-        std::fs::create_dir_all(root.join(d)).unwrap();
-    }
-    std::fs::copy("/bin/busybox", root.join("bin/busybox")).expect("busybox-static");
-    std::os::unix::fs::symlink("busybox", root.join("bin/sh")).unwrap();
-    let init = root.join("sbin/init");
-    std::fs::write(
-        &init,
+    let s = Scratch::new("virtio", "init");
+    let image = s.image_with_init(
+        "init.ext4",
         "#!/bin/sh\n/bin/busybox echo \"image init is PID $$\"\n/bin/busybox reboot -f\n",
-    )
-    .unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&init, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let image = s.path("init.ext4");
-    mkfs(&root, &image, "8M");
+    );
     let r = run_hpcvm(
         &[
             "run",
