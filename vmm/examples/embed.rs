@@ -23,6 +23,8 @@ fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let kernel = std::env::args().nth(1).ok_or("usage: embed KERNEL")?;
+    // hpcvm's warnings go through the `log` crate: here, to stderr as hpcvm prints them.
+    vmm::log_to_stderr();
     let config = VmConfig {
         memory: "128M".parse()?,
         ..VmConfig::new(kernel)

@@ -162,7 +162,7 @@ impl AgentLink {
             }
             kind::HANDOVER => lock(&self.report).handed_over = true,
             kind::LOG if self.verbose => {
-                eprintln!("hpcvm: agent: {}", String::from_utf8_lossy(payload));
+                log::info!("agent: {}", String::from_utf8_lossy(payload));
             }
             _ => {}
         }

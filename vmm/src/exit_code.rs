@@ -169,7 +169,7 @@ pub fn status_record(code: u8, outcome: Option<&Outcome>, message: &str) -> Stri
 /// Writes [`status_record`] to `path`, saying on stderr if it cannot.
 pub fn write_status(path: &std::path::Path, code: u8, outcome: Option<&Outcome>, message: &str) {
     if let Err(e) = std::fs::write(path, status_record(code, outcome, message)) {
-        eprintln!("hpcvm: cannot write --status-file {}: {e}", path.display());
+        log::error!("cannot write --status-file {}: {e}", path.display());
     }
 }
 

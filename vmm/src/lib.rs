@@ -29,7 +29,8 @@
 //! the control thread's filter, for good: run it on a thread of its own, as above.
 //! The vCPU threads are kicked with a real-time signal (SIGRTMIN), whose handler is
 //! installed once per process. Every error is an [`Error`], whose variants hold the
-//! error types re-exported here.
+//! error types re-exported here. Warnings and notes go through the `log` crate
+//! ([`log_to_stderr`] prints them as the `hpcvm` binary does).
 //!
 //! # Inside
 //! The data path, one module each under `vmm/src/`: `config` (what was asked) ->
@@ -77,6 +78,7 @@ pub(crate) mod handle;
 pub(crate) mod legacy;
 pub(crate) mod memory;
 pub(crate) mod runner;
+pub(crate) mod stderr_log;
 
 pub use config::VmConfig;
 pub use control::Outcome;
@@ -84,6 +86,7 @@ pub use control::{Answer, StateChange, Status, VmState};
 pub use error::Error;
 pub use handle::{HandleError, VmHandle};
 pub use runner::{run, run_with, RunOptions, Vmm};
+pub use stderr_log::log_to_stderr;
 pub use vstate::GuestExit;
 
 // Every error a build or run can end with, nameable from the crate root.

@@ -257,6 +257,7 @@ fn main() -> ExitCode {
     // First thing: a SIGTERM while hpcvm starts must reach the control loop (as a
     // shutdown), not end the process before it can write a status or clean up.
     let _ = vmm::control::signals::block_stop_signals();
+    vmm::log_to_stderr();
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) if !e.use_stderr() => {

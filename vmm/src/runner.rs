@@ -193,7 +193,7 @@ impl Vmm {
             // The control loop runs here: let its wakeups preempt busy vCPU threads.
             if let Err(e) = host::request_slice(host::CONTROL_SLICE) {
                 if verbose {
-                    eprintln!("hpcvm: control thread slice: {e}");
+                    log::info!("control thread slice: {e}");
                 }
             }
         }
@@ -236,8 +236,8 @@ impl Vmm {
         };
         let dropped = stdout_thread.finish(stall) + stderr_thread.finish(stall);
         if dropped > 0 {
-            eprintln!(
-                "hpcvm: warning: {dropped} bytes of guest output were dropped: hpcvm's stdout \
+            log::warn!(
+                "{dropped} bytes of guest output were dropped: hpcvm's stdout \
                  or stderr did not take them (a full pipe nobody reads)"
             );
         }

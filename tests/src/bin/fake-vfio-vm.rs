@@ -14,6 +14,7 @@ use vmm::pci::Passthrough;
 use vmm::vfio::fake::{FakeDma, FakeOptions, FakeVfio};
 
 fn main() -> ExitCode {
+    vmm::log_to_stderr();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let Some(kernel) = args.first() else {
         eprintln!("usage: fake-vfio-vm KERNEL [CPUS] [--no-mmap]");

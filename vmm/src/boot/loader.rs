@@ -36,7 +36,7 @@ pub struct BootImage {
     pub setup_header: Option<setup_header>,
     /// Initramfs location and size.
     pub initramfs: Option<(u64, u64)>,
-    /// Length of the command line written at [`CMDLINE_START`], without its NUL.
+    /// Length of the command line written at `CMDLINE_START`, without its NUL.
     pub cmdline_len: usize,
 }
 

@@ -2,6 +2,8 @@
 //! the binary) and their assembly into a [`VmConfig`]: the job's guest and files,
 //! the shared working directory, sizing from the allocation, and the checks that
 //! need several options at once. The binary only parses; this decides.
+// The options' doc comments are clap's help text, where [,key=value] means optional.
+#![allow(rustdoc::broken_intra_doc_links)]
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -300,8 +302,8 @@ fn from_allocation(
     let a = allocation::from_allocation(memory, per_task).map_err(|e| e.to_string())?;
     if verbose {
         let t = a.cpus.topology;
-        eprintln!(
-            "hpcvm: from allocation: {} vCPUs ({} socket(s) x {} core(s) x {} thread(s)) pinned to host CPUs {}; {} MiB guest RAM ({})",
+        log::info!(
+            "from allocation: {} vCPUs ({} socket(s) x {} core(s) x {} thread(s)) pinned to host CPUs {}; {} MiB guest RAM ({})",
             a.cpus.count,
             t.sockets,
             t.cores,

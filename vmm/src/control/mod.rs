@@ -99,7 +99,7 @@ impl MutEventSubscriber for LifecycleEvents {
                         ctl.destroy(&format!("second {}", signals::name(sig)));
                     }
                 } else if let Err(e) = ctl.shutdown(None) {
-                    eprintln!("hpcvm: {}: {e}", signals::name(sig));
+                    log::info!("{}: {e}", signals::name(sig));
                 }
             }
         } else if fd == ctl.grace_timer().as_raw_fd() {

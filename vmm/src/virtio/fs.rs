@@ -96,8 +96,8 @@ impl Drop for Backend {
             return;
         }
         if let Some(status) = self.child.exited() {
-            eprintln!(
-                "hpcvm: warning: virtiofsd for {} exited during the run ({status}); the guest's \
+            log::warn!(
+                "virtiofsd for {} exited during the run ({status}); the guest's \
                  I/O to that directory failed from then on",
                 self.dir.display()
             );
@@ -367,8 +367,8 @@ impl VirtioDevice for Fs {
         }
         self.backend.ended = true;
         let status = self.exited().map(|s| format!(" ({s})")).unwrap_or_default();
-        eprintln!(
-            "hpcvm: error: virtiofsd for {} ended during the run{status}: the guest's I/O to \
+        log::error!(
+            "virtiofsd for {} ended during the run{status}: the guest's I/O to \
              that directory fails with EIO from now on",
             self.dir.display()
         );

@@ -196,8 +196,8 @@ impl VirtioThread {
         let _ = self.stop.write(1);
         let deadline = std::time::Instant::now() + STOP_WAIT;
         if !wait_until_finished(&t, deadline) {
-            eprintln!(
-                "hpcvm: warning: the virtio device thread is stuck (stdout not read?); the \
+            log::warn!(
+                "the virtio device thread is stuck (stdout not read?); the \
                  job's last output may be lost"
             );
             return;
@@ -223,10 +223,8 @@ impl VirtioThread {
             Ok(t) if wait_until_finished(&t, deadline) => {
                 let _ = t.join();
             }
-            Ok(_) => eprintln!(
-                "hpcvm: warning: the job's last output could not be written (stdout not read?)"
-            ),
-            Err(e) => eprintln!("hpcvm: warning: the virtio drain thread: {e}"),
+            Ok(_) => log::warn!("the job's last output could not be written (stdout not read?)"),
+            Err(e) => log::warn!("the virtio drain thread: {e}"),
         }
     }
 }
@@ -250,7 +248,7 @@ impl Drop for VirtioThread {
 
 fn serve(subs: Vec<Box<dyn MutEventSubscriber + Send>>, stop: EventFd) {
     let Ok(mut em) = EventManager::<Box<dyn MutEventSubscriber>>::new() else {
-        eprintln!("hpcvm: virtio: cannot create the device thread's epoll");
+        log::error!("virtio: cannot create the device thread's epoll");
         return;
     };
     let stopped = Rc::new(Cell::new(false));
@@ -266,7 +264,7 @@ fn serve(subs: Vec<Box<dyn MutEventSubscriber + Send>>, stop: EventFd) {
             Ok(_) => {}
             Err(event_manager::Error::Epoll(e)) if e.errno() == libc::EINTR => {}
             Err(e) => {
-                eprintln!("hpcvm: virtio: device thread: {e}");
+                log::error!("virtio: device thread: {e}");
                 return;
             }
         }
