@@ -88,7 +88,7 @@ pub(crate) fn build(
     let allowed = host::allowed_cpus().map_err(io_err("reading this process's CPU affinity"))?;
     check_affinity(&config.cpus, &allowed)?;
 
-    let host_nodes = HostNodes::read();
+    let host_nodes = HostNodes::read().usable(&allowed, HostNodes::mems_allowed().as_deref());
     let numa = memory::numa::plan(
         config.numa,
         config.cpus.count,
@@ -97,6 +97,8 @@ pub(crate) fn build(
         config.cpus.affinity.as_deref(),
         &host_nodes,
     )?;
+    let places = places(&config.cpus.topology);
+    let llc_sharing = memory::numa::llc_sharing(&numa, &places, &config.cpus.topology)?;
     let vm = Arc::new(Vm::new(config.cpus.count)?);
     // In-kernel devices on one thread, guest RAM and the kernel image on this one.
     let pci_intx = crate::pci::intx_routes(host_devices.devices.len() + extra.len());
@@ -105,6 +107,7 @@ pub(crate) fn build(
         let loaded = prepare_memory(
             config,
             (&numa, &host_nodes),
+            &places,
             &allowed,
             software_kvm,
             &pci_intx,
@@ -112,7 +115,7 @@ pub(crate) fn build(
         (irqchip.join(), loaded)
     });
     irqchip.map_err(|_| io_err("the irqchip thread")(std::io::Error::other("panicked")))??;
-    let (mem, image, places) = loaded?;
+    let (mem, image) = loaded?;
     // From here the VM maps guest RAM: `Vmm` drops the VM first.
     let vm = VmAndMemory { vm, mem };
     vm.vm.register_memory(&vm.mem)?;
@@ -182,7 +185,7 @@ pub(crate) fn build(
     let vcpus = create_vcpus(
         &vm.vm,
         config,
-        &numa,
+        llc_sharing,
         &places,
         &image,
         &vm.mem,
@@ -331,10 +334,11 @@ fn check_initramfs_fits(initramfs: &File, ram: u64) -> Result<(), Error> {
 fn prepare_memory(
     config: &VmConfig,
     (numa, host_nodes): (&NumaLayout, &HostNodes),
+    places: &[VcpuPlace],
     allowed: &[usize],
     software_kvm: bool,
     pci_intx: &[boot::mptable::PciIntx],
-) -> Result<(GuestMemoryMmap, BootImage, Vec<VcpuPlace>), Error> {
+) -> Result<(GuestMemoryMmap, BootImage), Error> {
     let mem = memory::create_guest_memory(&config.memory, !config.shares.is_empty())?;
     // Before any page is touched: the policy decides where each page comes from.
     memory::numa::bind(&mem, numa, config.memory.hugepages)?;
@@ -359,9 +363,8 @@ fn prepare_memory(
     let image = boot::load(&kernel, &cmdline, &mem, ram)?;
     boot::params::write(&image, &mem, ram)?;
     boot::regs::write_tables(&mem, image.protocol)?;
-    let places = places(&config.cpus.topology);
-    boot::mptable::write(&mem, &places, pci_intx)?;
-    Ok((mem, image, places))
+    boot::mptable::write(&mem, places, pci_intx)?;
+    Ok((mem, image))
 }
 
 fn io_err(what: &'static str) -> impl FnOnce(std::io::Error) -> Error {
@@ -409,7 +412,7 @@ fn check_affinity(cpus: &CpusConfig, allowed: &[usize]) -> Result<(), Error> {
 fn create_vcpus(
     vm: &Vm,
     config: &VmConfig,
-    numa: &NumaLayout,
+    llc_sharing: Option<u32>,
     places: &[VcpuPlace],
     image: &BootImage,
     mem: &GuestMemoryMmap,
@@ -418,10 +421,6 @@ fn create_vcpus(
     software_kvm: bool,
 ) -> Result<Vec<Vcpu>, Error> {
     let msrs = msr::boot_msrs(&vm.msr_index);
-    // Guest nodes split the package: each node's vCPUs share a last-level cache.
-    let llc_sharing = (numa.nodes.len() > 1)
-        .then(|| numa.nodes.iter().map(|n| n.vcpus.len() as u32).max())
-        .flatten();
     let mut vcpus = Vec::with_capacity(places.len());
     for place in places {
         let i = place.index;

@@ -15,8 +15,9 @@ use crate::vstate::topology::VcpuPlace;
 const LAPIC_ADDR: u32 = 0xfee0_0000;
 /// Where the IOAPIC is.
 const IOAPIC_ADDR: u32 = 0xfec0_0000;
-/// Largest APIC ID a (non-x2) local APIC entry holds; 255 means "all".
-const MAX_XAPIC_ID: u32 = 254;
+/// Largest APIC ID a (non-x2) local APIC entry holds; 255 means "all". The SRAT
+/// switches to x2APIC entries at the same point.
+pub(super) const MAX_XAPIC_ID: u32 = 254;
 /// The processor UID meaning "every processor", in an NMI entry.
 const ALL_PROCESSORS: u8 = 0xff;
 

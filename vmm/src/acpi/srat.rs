@@ -7,12 +7,17 @@ use acpi_tables::srat::MemoryAffinity;
 use acpi_tables::Aml;
 use zerocopy::{Immutable, IntoBytes};
 
+use super::madt::MAX_XAPIC_ID;
 use super::{oem_table_id, OEM_ID, OEM_REVISION};
 use crate::memory::numa::NumaLayout;
 use crate::vstate::topology::VcpuPlace;
 
-/// SLIT distance between two nodes (Linux's default; a node is 10 from itself).
+/// SLIT distance between nodes on different host nodes, or not bound to any
+/// (Linux's default remote distance; a node is 10 from itself).
 const REMOTE_DISTANCE: u8 = 20;
+/// SLIT distance between guest nodes whose RAM is on one host node: as near as the
+/// table allows (Linux refuses a SLIT with 10 off the diagonal).
+const SAME_HOST_NODE_DISTANCE: u8 = 11;
 /// SRAT header: the ACPI header, then a reserved 1 and 8 reserved bytes.
 const SRAT_HEADER_LEN: u32 = 36 + 12;
 /// The affinity structures' "enabled" flag.
@@ -61,7 +66,7 @@ pub fn srat(cpus: &[VcpuPlace], numa: &NumaLayout) -> Sdt {
     for c in cpus {
         let domain = numa.node_of(c.index);
         match u8::try_from(c.apic_id) {
-            Ok(apic_id) => {
+            Ok(apic_id) if c.apic_id <= MAX_XAPIC_ID => {
                 let [lo, hi @ ..] = domain.to_le_bytes();
                 t.append_slice(
                     ApicAffinity {
@@ -77,7 +82,7 @@ pub fn srat(cpus: &[VcpuPlace], numa: &NumaLayout) -> Sdt {
                     .as_bytes(),
                 );
             }
-            Err(_) => t.append_slice(
+            _ => t.append_slice(
                 X2ApicAffinity {
                     r#type: 2,
                     length: 24,
@@ -104,14 +109,21 @@ pub fn srat(cpus: &[VcpuPlace], numa: &NumaLayout) -> Sdt {
     t
 }
 
-/// The SLIT: every node 10 from itself (what `SLIT::new` fills in) and 20 from the others.
+/// The SLIT: every node 10 from itself (what `SLIT::new` fills in), 11 from a node
+/// bound to the same host node, 20 from the others.
 pub fn slit(numa: &NumaLayout) -> SLIT {
     let n = numa.nodes.len();
     let mut t = SLIT::new(OEM_ID, oem_table_id(b"SLIT"), OEM_REVISION, n as u32);
-    for a in 0..n {
-        for b in 0..n {
+    for (a, na) in numa.nodes.iter().enumerate() {
+        for (b, nb) in numa.nodes.iter().enumerate() {
             if a != b {
-                t.set_distance(a, b, REMOTE_DISTANCE);
+                let same_host = na.host_node.is_some() && na.host_node == nb.host_node;
+                let d = if same_host {
+                    SAME_HOST_NODE_DISTANCE
+                } else {
+                    REMOTE_DISTANCE
+                };
+                t.set_distance(a, b, d);
             }
         }
     }

@@ -172,7 +172,7 @@ fn two_nodes_get_srat_and_slit() {
             NumaNode {
                 vcpus: vec![1],
                 ram: vec![(256 << 20, 256 << 20)],
-                host_node: Some(0),
+                host_node: Some(1),
             },
         ],
     };
@@ -208,6 +208,33 @@ fn two_nodes_get_srat_and_slit() {
     let slit = get(&t, b"SLIT");
     assert_eq!(u64::from_le_bytes(slit[36..44].try_into().unwrap()), 2);
     assert_eq!(&slit[44..48], &[10, 20, 20, 10]);
+}
+
+#[test]
+fn guest_nodes_on_one_host_node_are_near_in_the_slit() {
+    let node = |vcpu: u32, host_node| NumaNode {
+        vcpus: vec![vcpu],
+        ram: vec![(u64::from(vcpu) << 28, 1 << 28)],
+        host_node,
+    };
+    let numa = NumaLayout {
+        nodes: vec![
+            node(0, Some(0)),
+            node(1, Some(0)),
+            node(2, Some(1)),
+            node(3, None),
+        ],
+    };
+    let mut bytes = Vec::new();
+    super::srat::slit(&numa).to_aml_bytes(&mut bytes);
+    #[rustfmt::skip]
+    let want = [
+        10, 11, 20, 20,
+        11, 10, 20, 20,
+        20, 20, 10, 20,
+        20, 20, 20, 10,
+    ];
+    assert_eq!(&bytes[44..60], &want);
 }
 
 #[test]

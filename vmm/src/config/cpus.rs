@@ -140,6 +140,19 @@ fn parse(s: &str) -> Result<CpusConfig, String> {
             topology.vcpus()
         ));
     }
+    // APIC IDs leave gaps when a level's count is not a power of two; the largest
+    // (the last vCPU's) must still be an xAPIC ID below the broadcast ID and the IOAPIC's.
+    let top = crate::vstate::topology::place(&topology, count - 1).apic_id;
+    if top > MAX_VCPUS - 1 {
+        return Err(format!(
+            "topology {}:{}:{} numbers its last vCPU with APIC ID {top}, past the {} \
+             hpcvm supports: use powers of two for cores and threads",
+            topology.sockets,
+            topology.cores,
+            topology.threads,
+            MAX_VCPUS - 1
+        ));
+    }
     let affinity = affinity_src
         .map(|src| parse_affinity(&src, count as usize))
         .transpose()?;
@@ -303,6 +316,9 @@ mod tests {
         assert!(err("6,topology=2:2:2").contains("holds 8 vCPUs, not 6"));
         assert!(err("2,topology=2:1").contains("SOCKETS:CORES:THREADS"));
         assert!(err("2,topology=0:2:1").contains("'0' is not a count"));
+        // 3 cores take 2 bits: socket s core c has APIC ID 4s+c.
+        assert_eq!(ok("topology=63:3:1").count, 189);
+        assert!(err("topology=64:3:1").contains("APIC ID 254, past the 253"));
     }
 
     #[test]

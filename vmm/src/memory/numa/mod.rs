@@ -14,7 +14,8 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use super::layout::ram_ranges;
 use super::MemoryError;
 use crate::config::memory::fmt_size;
-use crate::config::{HugePageSize, NumaConfig};
+use crate::config::{HugePageSize, NumaConfig, Topology};
+use crate::vstate::topology::{id_bits, VcpuPlace};
 
 /// One guest node.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -70,6 +71,33 @@ impl HostNodes {
             .collect();
         nodes.sort();
         Self(nodes)
+    }
+
+    /// The nodes this process may use: those in `mems_allowed` (its cpuset's memory
+    /// nodes; all when unknown) that have one of the `allowed` CPUs, each with just
+    /// those CPUs. `mbind` to any other node fails, and a node without CPUs here has
+    /// no thread to prefault it.
+    pub fn usable(&self, allowed: &[usize], mems_allowed: Option<&[usize]>) -> Self {
+        Self(
+            self.0
+                .iter()
+                .filter(|(n, _)| mems_allowed.is_none_or(|m| m.contains(&(*n as usize))))
+                .map(|(n, cpus)| {
+                    let cpus = cpus.iter().copied().filter(|c| allowed.contains(c));
+                    (*n, cpus.collect::<Vec<_>>())
+                })
+                .filter(|(_, cpus)| !cpus.is_empty())
+                .collect(),
+        )
+    }
+
+    /// This process's `Mems_allowed_list` (from /proc/self/status), if readable.
+    pub fn mems_allowed() -> Option<Vec<usize>> {
+        let status = std::fs::read_to_string("/proc/self/status").ok()?;
+        let list = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Mems_allowed_list:"))?;
+        crate::config::cpus::parse_cpu_list(list.trim()).ok()
     }
 
     /// The node of host CPU `cpu`.
@@ -152,8 +180,46 @@ pub fn plan(
     Ok(NumaLayout { nodes })
 }
 
-/// Each group's share of `ram`, in whole `unit`s, in proportion to its vCPUs; the last
-/// group takes what rounding left.
+/// How many vCPUs share a last-level cache in a guest of several nodes: the largest
+/// power of two whose aligned blocks of APIC IDs each lie in one node. Linux numbers
+/// the LLCs by APIC ID >> log2(sharers) and warns of an LLC that spans two nodes, so
+/// this is what uneven or unaligned nodes need. None with one node (the package's
+/// LLC). A core whose threads would be on two nodes is refused.
+pub fn llc_sharing(
+    layout: &NumaLayout,
+    places: &[VcpuPlace],
+    topo: &Topology,
+) -> Result<Option<u32>, MemoryError> {
+    if layout.nodes.len() < 2 {
+        return Ok(None);
+    }
+    let node: Vec<u32> = places.iter().map(|p| layout.node_of(p.index)).collect();
+    for (a, pa) in places.iter().enumerate() {
+        for (b, pb) in places.iter().enumerate().skip(a + 1) {
+            if (pb.socket, pb.core) == (pa.socket, pa.core) && node[b] != node[a] {
+                return Err(MemoryError::Numa(format!(
+                    "vCPUs {} and {} are threads of one core but would be on guest nodes \
+                     {} and {}: give each node whole cores",
+                    pa.index, pb.index, node[a], node[b]
+                )));
+            }
+        }
+    }
+    let max_bits = id_bits(topo.threads) + id_bits(topo.cores);
+    let fits = |bits: u32| {
+        places.iter().zip(&node).all(|(p, n)| {
+            places
+                .iter()
+                .zip(&node)
+                .all(|(q, m)| q.apic_id >> bits != p.apic_id >> bits || m == n)
+        })
+    };
+    let bits = (0..=max_bits).rev().find(|&b| fits(b)).unwrap_or(0);
+    Ok(Some(1 << bits))
+}
+
+/// Each group's share of `ram`, in whole `unit`s: one unit each, the rest in proportion
+/// to its vCPUs; the last group also takes what rounding left.
 fn split_ram(
     ram: u64,
     unit: u64,
@@ -161,7 +227,8 @@ fn split_ram(
     vcpus: u32,
 ) -> Result<Vec<u64>, MemoryError> {
     let units = ram / unit;
-    if units < groups.len() as u64 {
+    let n = groups.len() as u64;
+    if units < n {
         return Err(MemoryError::Numa(format!(
             "{} of guest RAM cannot make {} nodes of whole {} units",
             fmt_size(ram),
@@ -169,13 +236,16 @@ fn split_ram(
             fmt_size(unit)
         )));
     }
+    // The first units - n are shared out by vCPU count: their floors add up to at
+    // most units - n, so every share fits and the last one is never negative.
+    let spare = units - n;
     let mut left = ram;
     let mut shares = Vec::with_capacity(groups.len());
     for (i, (cpus, _)) in groups.iter().enumerate() {
         let share = if i + 1 == groups.len() {
             left
         } else {
-            (units * cpus.len() as u64 / u64::from(vcpus)).max(1) * unit
+            (1 + spare * cpus.len() as u64 / u64::from(vcpus)) * unit
         };
         shares.push(share);
         left -= share;
@@ -201,18 +271,20 @@ fn guest_ranges(ram: u64, offset: u64, len: u64) -> Vec<(u64, u64)> {
 }
 
 /// Binds each node's RAM in `mem` to its host node (`mbind(MPOL_BIND)`); for hugetlb
-/// RAM, first checks that each host node's pool has the pages.
+/// RAM, first checks that each host node's pool has the pages of all the guest nodes
+/// bound to it.
 pub fn bind(
     mem: &GuestMemoryMmap,
     layout: &NumaLayout,
     page: HugePageSize,
 ) -> Result<(), MemoryError> {
+    if page.is_hugetlb() {
+        for (host, pages) in pool_needs(layout, page) {
+            check_node_pool(host, page, pages)?;
+        }
+    }
     for node in &layout.nodes {
         let Some(host) = node.host_node else { continue };
-        if page.is_hugetlb() {
-            let need = node.ram.iter().map(|r| r.1).sum::<u64>() / page.bytes();
-            check_node_pool(host, page, need)?;
-        }
         for &(gpa, len) in &node.ram {
             let addr = mem
                 .get_host_address(GuestAddress(gpa))
@@ -225,6 +297,20 @@ pub fn bind(
         }
     }
     Ok(())
+}
+
+/// The `page`s each host node must give: the sum over the guest nodes bound to it.
+fn pool_needs(layout: &NumaLayout, page: HugePageSize) -> Vec<(u32, u64)> {
+    let mut need: Vec<(u32, u64)> = Vec::new();
+    for node in &layout.nodes {
+        let Some(host) = node.host_node else { continue };
+        let pages = node.ram.iter().map(|r| r.1).sum::<u64>() / page.bytes();
+        match need.iter_mut().find(|(h, _)| *h == host) {
+            Some((_, n)) => *n += pages,
+            None => need.push((host, pages)),
+        }
+    }
+    need
 }
 
 /// What prefaults each node's RAM in `mem`: the node's pinned host CPUs, else its host
@@ -293,7 +379,8 @@ fn check_node_pool(node: u32, page: HugePageSize, need: u64) -> Result<(), Memor
         })?;
     if free < need {
         return Err(MemoryError::NodePool(format!(
-            "host node {node} has {free} free {} hugepages, its guest node needs {need}: raise {}",
+            "host node {node} has {free} free {} hugepages, the guest nodes bound to it need \
+             {need}: raise {}",
             page.name(),
             dir.join("nr_hugepages").display()
         )));
@@ -336,141 +423,4 @@ fn mbind(addr: usize, len: usize, node: u32) -> io::Result<()> {
 const MPOL_BIND: u8 = 2;
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn host2() -> HostNodes {
-        HostNodes(vec![(0, vec![0, 1]), (1, vec![2, 3])])
-    }
-
-    #[test]
-    fn two_nodes_split_vcpus_and_ram_in_order() {
-        let l = plan(
-            NumaConfig::Nodes(2),
-            2,
-            512 << 20,
-            HugePageSize::None,
-            None,
-            &HostNodes(vec![(0, vec![0, 1])]),
-        )
-        .unwrap();
-        assert_eq!(l.nodes.len(), 2);
-        assert_eq!(l.nodes[0].vcpus, [0]);
-        assert_eq!(l.nodes[1].vcpus, [1]);
-        assert_eq!(l.nodes[0].ram, [(0, 256 << 20)]);
-        assert_eq!(l.nodes[1].ram, [(256 << 20, 256 << 20)]);
-        // One host node: both guest nodes live on it.
-        assert_eq!(l.nodes[1].host_node, Some(0));
-        assert_eq!(l.node_of(1), 1);
-    }
-
-    #[test]
-    fn auto_follows_the_pinned_cpus_host_nodes() {
-        let l = plan(
-            NumaConfig::Auto,
-            4,
-            1 << 30,
-            HugePageSize::Size2M,
-            Some(&[2, 3, 0, 1]),
-            &host2(),
-        )
-        .unwrap();
-        let got: Vec<_> = l
-            .nodes
-            .iter()
-            .map(|n| (n.vcpus.clone(), n.host_node))
-            .collect();
-        assert_eq!(got, [(vec![0, 1], Some(1)), (vec![2, 3], Some(0))]);
-        // Unpinned, auto is one node placed by first touch.
-        let flat = plan(
-            NumaConfig::Auto,
-            4,
-            1 << 30,
-            HugePageSize::None,
-            None,
-            &host2(),
-        )
-        .unwrap();
-        assert_eq!(flat.nodes.len(), 1);
-        assert_eq!(flat.nodes[0].host_node, None);
-    }
-
-    #[test]
-    fn a_node_straddling_the_mmio_gap_gets_both_ranges() {
-        let l = plan(
-            NumaConfig::Nodes(2),
-            2,
-            4 << 30,
-            HugePageSize::Size1G,
-            None,
-            &HostNodes::default(),
-        )
-        .unwrap();
-        assert_eq!(l.nodes[0].ram, [(0, 2 << 30)]);
-        assert_eq!(l.nodes[1].ram, [(2 << 30, 1 << 30), (4 << 30, 1 << 30)]);
-        assert_eq!(l.nodes[1].host_node, None);
-    }
-
-    #[test]
-    fn impossible_splits_are_refused_with_the_reason() {
-        let e = plan(
-            NumaConfig::Nodes(3),
-            2,
-            512 << 20,
-            HugePageSize::None,
-            None,
-            &host2(),
-        )
-        .unwrap_err();
-        assert_eq!(
-            e.to_string(),
-            "Cannot lay out guest NUMA nodes: --numa 3 needs at least 3 vCPUs (one per node); the guest has 2"
-        );
-        let e = plan(
-            NumaConfig::Nodes(2),
-            2,
-            1 << 30,
-            HugePageSize::Size1G,
-            None,
-            &host2(),
-        )
-        .unwrap_err();
-        assert!(
-            e.to_string()
-                .contains("cannot make 2 nodes of whole 1G units"),
-            "{e}"
-        );
-    }
-
-    #[test]
-    fn host_nodes_are_read_from_sysfs() {
-        let h = HostNodes::read();
-        // Every Linux host with NUMA has node 0 holding CPU 0.
-        if !h.0.is_empty() {
-            assert_eq!(h.node_of(0), Some(0));
-        }
-    }
-
-    #[test]
-    fn bound_ram_reports_the_policy_in_numa_maps() {
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 8 << 20)]).unwrap();
-        if HostNodes::read().0.is_empty() {
-            return;
-        }
-        let layout = NumaLayout {
-            nodes: vec![NumaNode {
-                vcpus: vec![0],
-                ram: vec![(0, 8 << 20)],
-                host_node: Some(0),
-            }],
-        };
-        bind(&mem, &layout, HugePageSize::None).unwrap();
-        let addr = mem.get_host_address(GuestAddress(0)).unwrap() as usize;
-        let maps = std::fs::read_to_string("/proc/self/numa_maps").unwrap();
-        let line = maps
-            .lines()
-            .find(|l| l.starts_with(&format!("{addr:x} ")))
-            .expect("the mapping in numa_maps");
-        assert!(line.contains(" bind:0"), "{line}");
-    }
-}
+mod tests;
