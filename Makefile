@@ -4,7 +4,7 @@ RELEASE := target/release
 
 GUEST := target/guest
 
-.PHONY: all deps virtiofsd build guest guest-ib run test lint bench clean
+.PHONY: all deps virtiofsd build guest guest-ib image mpi-deps run test lint bench clean
 
 all: build
 
@@ -42,6 +42,20 @@ guest-ib: guest
 	kernel=$$(guest-kernel/kernel/build.sh --flavor ib | tail -n 1) && test -f "$$kernel" && \
 	  cp "$$kernel" $(GUEST)/vmlinux-ib.new && mv $(GUEST)/vmlinux-ib.new $(GUEST)/vmlinux-ib
 
+# The MPI job image (guest-kernel/image/): Debian with Open MPI, HPCC and NetPIPE,
+# built with mmdebstrap from this machine's apt sources, cached under ~/.cache/hpcvm
+# and copied to $(GUEST)/mpi.ext4.
+image: deps
+	@mkdir -p $(GUEST)
+	img=$$(guest-kernel/image/build.sh | tail -n 1) && test -f "$$img" && \
+	  { cmp -s "$$img" $(GUEST)/mpi.ext4 || { cp "$$img" $(GUEST)/mpi.ext4.new && mv $(GUEST)/mpi.ext4.new $(GUEST)/mpi.ext4; }; }
+
+# Host side of MPI jobs: mpicc for programs built on the host and run in the image,
+# and hpcc/NetPIPE for the host column of the benchmark (the image's release).
+mpi-deps:
+	@command -v mpicc >/dev/null && command -v hpcc >/dev/null && command -v NPopenmpi >/dev/null || \
+	  { apt-get update && apt-get install -y --no-install-recommends libopenmpi-dev openmpi-bin hpcc netpipe-openmpi; }
+
 # The main job: boot the guest on /dev/kvm and run a command in it.
 run: build guest
 	$(RELEASE)/hpcvm run --cpus 2 --memory 512M -- uname -a
@@ -52,12 +66,12 @@ lint:
 
 # Lints, then unit tests and real-KVM integration tests (tests reserve hugepages they
 # need and give them back).
-test: deps virtiofsd lint guest
+test: deps virtiofsd lint guest image mpi-deps
 	$(CARGO) build --workspace --bins
 	$(CARGO) test --workspace
 
 # Tables (and a PNG of the ratios) in benches/results/; beside QEMU, in the same run.
-bench: build guest
+bench: build guest image mpi-deps
 	@command -v qemu-system-x86_64 >/dev/null && command -v gnuplot >/dev/null || \
 	  { apt-get update && apt-get install -y --no-install-recommends qemu-system-x86 gnuplot-nox; }
 	$(RELEASE)/hpcvm-bench

@@ -87,6 +87,7 @@ fn agent_port() -> (AgentPort, Arc<AgentLink>) {
         stdio: None,
         root: None,
         mounts: Vec::new(),
+        user: None,
     };
     let link = AgentLink::new(job, false, Some(null_outputs()));
     let evt = vmm_sys_util::eventfd::EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK)

@@ -12,6 +12,7 @@ pub mod fuzz;
 pub mod hugepages;
 pub mod proc;
 pub mod scratch;
+pub mod unprivileged;
 
 /// Directory holding the built guests (set by `build.rs`).
 pub const GUEST_DIR: &str = env!("HPCVM_TEST_GUEST_DIR");

@@ -36,6 +36,7 @@ fn pad_job_frame(argv: &[&str], env: &[(&str, &str)], cwd: &str, tail: usize) ->
             busybox: None,
             console_stdio: true,
             stdin: false,
+            user: Some(vmm::config::caller_identity()),
             image: false,
         };
         job_frame(&job_spec(&job, &[], vmm::host::is_software_kvm())).len()

@@ -6,133 +6,11 @@
 //! One test function on purpose: the scenarios share the user and the /dev/kvm
 //! grant, and must not race a restore.
 
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::os::unix::fs::MetadataExt;
 use std::time::Duration;
 
 use hpcvm_tests::hugepages::Reservation;
-use hpcvm_tests::proc::hpcvm_bin;
-
-const USER: &str = "hpcvm-test";
-
-fn sh(cmd: &str) {
-    let st = Command::new("sh").args(["-c", cmd]).status().unwrap();
-    assert!(st.success(), "set-up failed: {cmd}");
-}
-
-fn id_of(what: &str) -> u32 {
-    let out = Command::new("id").args([what, USER]).output().unwrap();
-    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
-}
-
-fn kvm_gid() -> u32 {
-    let out = Command::new("getent")
-        .args(["group", "kvm"])
-        .output()
-        .unwrap();
-    let line = String::from_utf8_lossy(&out.stdout).to_string();
-    line.split(':').nth(2).unwrap().parse().unwrap()
-}
-
-/// The user, its scratch directory, and /dev/kvm granted to `kvm` until dropped.
-struct Unprivileged {
-    uid: u32,
-    gid: u32,
-    kvm: u32,
-    dir: PathBuf,
-    saved: (u32, u32),
-}
-
-impl Unprivileged {
-    fn set_up() -> Self {
-        sh("getent group kvm >/dev/null || groupadd --system kvm");
-        sh(&format!(
-            "id {USER} >/dev/null 2>&1 || useradd --system --no-create-home \
-             --shell /usr/sbin/nologin {USER}"
-        ));
-        let meta = std::fs::metadata("/dev/kvm").unwrap();
-        let saved = (meta.mode() & 0o7777, meta.gid());
-        let kvm = kvm_gid();
-        std::os::unix::fs::chown("/dev/kvm", None, Some(kvm)).unwrap();
-        std::fs::set_permissions("/dev/kvm", std::fs::Permissions::from_mode(0o660)).unwrap();
-        let (uid, gid) = (id_of("-u"), id_of("-g"));
-        let dir = std::env::temp_dir().join(format!("hpcvm-unpriv-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir(&dir).unwrap();
-        std::os::unix::fs::chown(&dir, Some(uid), Some(gid)).unwrap();
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
-        // A site installs virtiofsd where every user can run it; root's cargo
-        // directory is not such a place.
-        if let Some(v) = vmm::virtio::fs::find_virtiofsd() {
-            std::fs::copy(v, dir.join("virtiofsd")).unwrap();
-        }
-        Self {
-            uid,
-            gid,
-            kvm,
-            dir,
-            saved,
-        }
-    }
-
-    /// `hpcvm ARGS` as the user (in the kvm group if `in_kvm`), in its directory.
-    fn spawn(&self, args: &[&str], in_kvm: bool) -> Child {
-        let (uid, gid, kvm) = (self.uid, self.gid, self.kvm);
-        let mut cmd = Command::new(hpcvm_bin());
-        cmd.args(args)
-            .current_dir(&self.dir)
-            .env_clear()
-            .env("PATH", "/usr/bin:/bin")
-            .env("HOME", &self.dir)
-            .env("HPCVM_VIRTIOFSD", self.dir.join("virtiofsd"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        // SAFETY: between fork and exec only async-signal-safe calls, on values
-        // computed before the fork.
-        unsafe {
-            cmd.pre_exec(move || {
-                let groups: &[libc::gid_t] = if in_kvm { &[kvm] } else { &[] };
-                if libc::setgroups(groups.len(), groups.as_ptr()) != 0
-                    || libc::setgid(gid) != 0
-                    || libc::setuid(uid) != 0
-                {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        cmd.spawn().unwrap()
-    }
-
-    /// Runs `hpcvm ARGS` as the user to its end: (status, stdout, stderr).
-    fn run(&self, args: &[&str], in_kvm: bool) -> (Option<i32>, String, String) {
-        let out = self.spawn(args, in_kvm).wait_with_output().unwrap();
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout).into(),
-            String::from_utf8_lossy(&out.stderr).into(),
-        )
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.join(name)
-    }
-}
-
-impl Drop for Unprivileged {
-    fn drop(&mut self) {
-        let _ = std::os::unix::fs::chown("/dev/kvm", None, Some(self.saved.1));
-        let _ = std::fs::set_permissions("/dev/kvm", std::fs::Permissions::from_mode(self.saved.0));
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn owner(p: &Path) -> u32 {
-    std::fs::metadata(p).unwrap().uid()
-}
+use hpcvm_tests::unprivileged::{is_root, owner, Unprivileged, USER};
 
 fn wait_for(cond: impl Fn() -> bool, what: &str) {
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
@@ -144,8 +22,7 @@ fn wait_for(cond: impl Fn() -> bool, what: &str) {
 
 #[test]
 fn the_main_paths_work_as_an_ordinary_user_in_the_kvm_group() {
-    // SAFETY: getuid cannot fail.
-    if unsafe { libc::getuid() } != 0 {
+    if !is_root() {
         eprintln!("skipped: the set-up creates a user and needs root");
         return;
     }
@@ -233,18 +110,27 @@ fn the_main_paths_work_as_an_ordinary_user_in_the_kvm_group() {
         eprintln!("virtiofsd not installed: job scenario skipped (make test installs it)");
         return;
     }
+    // The job runs as the caller's uid and gid, with the caller's name; what it
+    // writes in the shared directory is the user's.
     let (code, out, err) = u.run(
         &[
             "run",
             "--",
             "sh",
             "-c",
-            "echo written-in-vm > out.txt; cat out.txt",
+            "id -u; id -g; echo $USER $HOME; echo written-in-vm > out.txt; cat out.txt",
         ],
         true,
     );
     assert_eq!(code, Some(0), "{out} {err}");
-    assert_eq!(out.trim(), "written-in-vm", "{err}");
+    let dir = u.path("");
+    let want = format!(
+        "{}\n{}\n{USER} {}\nwritten-in-vm\n",
+        u.uid,
+        u.gid,
+        dir.display().to_string().trim_end_matches('/')
+    );
+    assert_eq!(out, want, "{err}");
     let written = u.path("out.txt");
     assert_eq!(
         std::fs::read_to_string(&written).unwrap().trim(),
@@ -252,4 +138,12 @@ fn the_main_paths_work_as_an_ordinary_user_in_the_kvm_group() {
     );
     assert_eq!(owner(&written), u.uid, "the job's file belongs to the user");
     assert_eq!(std::fs::metadata(&written).unwrap().gid(), u.gid);
+    // Asked for, the job is root in the guest (not on the host: the share still
+    // writes as the user).
+    let (code, out, err) = u.run(
+        &["run", "--guest-root", "--", "sh", "-c", "id -u; echo $USER"],
+        true,
+    );
+    assert_eq!(code, Some(0), "{out} {err}");
+    assert_eq!(out, "0\nroot\n", "{err}");
 }

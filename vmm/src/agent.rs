@@ -25,16 +25,29 @@ pub const STDIN_PORT: &str = "hpcvm.stdin";
 use crate::output::Output;
 use crate::vstate::cpuid;
 
+/// What a job gets on a software-KVM host, unless it sets the variable itself.
+fn software_kvm_env() -> [(&'static str, &'static str); 2] {
+    [
+        // glibc kept off the CPU features the guest kernel cannot save.
+        ("GLIBC_TUNABLES", cpuid::SOFTWARE_KVM_GLIBC_TUNABLES),
+        // Open MPI's shared-memory BTL copies large messages through a shared
+        // buffer in user mode instead of with process_vm_readv (CMA): the guest
+        // kernel's copy is emulated there, at about 2 MB/s (measured: HPCC's
+        // PingPong bandwidth 0.002 GB/s with CMA), while user mode runs natively.
+        ("OMPI_MCA_btl_vader_single_copy_mechanism", "none"),
+    ]
+}
+
 /// What the agent is told to run for `job`: its argv, environment and working
-/// directory. On a software-KVM host glibc is kept off the CPU features the guest
-/// kernel cannot save (unless the job sets GLIBC_TUNABLES itself).
+/// directory, and on a software-KVM host [`software_kvm_env`].
 pub fn job_spec(job: &JobConfig, shares: &[ShareConfig], software_kvm: bool) -> JobSpec {
     let mut env = job.environment();
-    if software_kvm && !env.iter().any(|(k, _)| k == "GLIBC_TUNABLES") {
-        env.push((
-            "GLIBC_TUNABLES".into(),
-            cpuid::SOFTWARE_KVM_GLIBC_TUNABLES.into(),
-        ));
+    if software_kvm {
+        for (k, v) in software_kvm_env() {
+            if !env.iter().any(|(ek, _)| ek == k) {
+                env.push((k.into(), v.into()));
+            }
+        }
     }
     JobSpec {
         argv: job.argv.clone(),
@@ -58,6 +71,7 @@ pub fn job_spec(job: &JobConfig, shares: &[ShareConfig], software_kvm: bool) -> 
                 read_only: s.read_only,
             })
             .collect(),
+        user: job.user,
     }
 }
 
@@ -263,6 +277,7 @@ mod tests {
             stdio: None,
             root: None,
             mounts: Vec::new(),
+            user: None,
         };
         let link = AgentLink::new(job, false, None);
         let irq = devices::EventFdTrigger::new(EventFd::new(EFD_NONBLOCK).unwrap());

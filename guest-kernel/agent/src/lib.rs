@@ -62,6 +62,20 @@ pub struct JobSpec {
     /// virtio-fs shares to mount (after any root switch), in order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub mounts: Vec<ShareMount>,
+    /// Who the job runs as; absent: root (the agent's own identity).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<JobUser>,
+}
+
+/// The identity a job runs under in the guest: the caller's on the host, so that
+/// files it writes in a shared directory are the caller's and tools that refuse root
+/// (Open MPI's `mpirun`) run unchanged. Supplementary groups are dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobUser {
+    /// User ID.
+    pub uid: u32,
+    /// Primary group ID.
+    pub gid: u32,
 }
 
 /// A virtio-fs share the agent mounts before the job starts.

@@ -45,6 +45,7 @@ fn main() {
             std::process::exit(2);
         }
         mount_filesystems();
+        bring_up_host_identity();
     }
     let result = match test_fd {
         // SAFETY: the caller handed us this descriptor to own.
@@ -98,6 +99,49 @@ fn mount_filesystems() {
             }
         }
     }
+}
+
+/// The guest's host name: what `HOSTNAME` says in every job's environment.
+const HOSTNAME: &[u8] = b"hpcvm";
+
+/// Names the guest and brings up the loopback interface (the kernel gives it
+/// 127.0.0.1 as it comes up), as any Linux init does: Open MPI's PMIx server, for
+/// one, listens on loopback even when every rank is in this guest.
+fn bring_up_host_identity() {
+    // SAFETY: the name is a valid buffer of the given length.
+    if unsafe { libc::sethostname(HOSTNAME.as_ptr().cast(), HOSTNAME.len()) } != 0 {
+        eprintln!("hpcvm-agent: sethostname: {}", io::Error::last_os_error());
+    }
+    if let Err(e) = loopback_up() {
+        eprintln!("hpcvm-agent: bringing up lo: {e}");
+    }
+}
+
+fn loopback_up() -> io::Result<()> {
+    // SAFETY: a plain socket(2) call; the descriptor is owned below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd was just opened and nothing else owns it.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: ifreq is plain data; an all-zero one is valid.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(b"lo") {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: SIOCGIFFLAGS and SIOCSIFFLAGS read and write the ifreq passed, which
+    // lives across both calls.
+    unsafe {
+        if libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        req.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+        if libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &req) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 /// Opens COM2 in raw mode: every byte of a frame must pass untouched.
@@ -338,6 +382,7 @@ fn start_job(
     let argv = cstrings(spec.argv.iter().cloned())?;
     let envp = cstrings(spec.env.iter().map(|(k, v)| format!("{k}={v}")))?;
     let cwd = cstrings([spec.cwd.clone()])?.remove(0);
+    let user = spec.user;
     let mut argv_p: Vec<*const libc::c_char> = argv.iter().map(|c| c.as_ptr()).collect();
     argv_p.push(std::ptr::null());
     let mut envp_p: Vec<*const libc::c_char> = envp.iter().map(|c| c.as_ptr()).collect();
@@ -369,9 +414,21 @@ fn start_job(
             libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
             // Rust ignores SIGPIPE in the agent; a job (`yes | head`) expects the default.
             libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-            // [stage, errno]: stage 0 the chdir failed, 1 the exec.
+            // [stage, errno]: stage 0 the chdir failed, 1 the exec, 2 the change of
+            // identity. Identity first: the working directory and the program must
+            // be reachable by the job's user, not just by root.
             let mut report = [0i32; 2];
-            if libc::chdir(cwd.as_ptr()) == 0 {
+            let became = match user {
+                Some(u) => {
+                    libc::setgroups(0, std::ptr::null()) == 0
+                        && libc::setgid(u.gid) == 0
+                        && libc::setuid(u.uid) == 0
+                }
+                None => true,
+            };
+            if !became {
+                report[0] = 2;
+            } else if libc::chdir(cwd.as_ptr()) == 0 {
                 libc::execve(program_c.as_ptr(), argv_p.as_ptr(), envp_p.as_ptr());
                 report[0] = 1;
             }
@@ -389,6 +446,13 @@ fn start_job(
         unsafe { libc::waitpid(pid, &mut status, 0) };
         let word = |i: usize| i32::from_ne_bytes(report[i..i + 4].try_into().unwrap_or([0; 4]));
         let e = io::Error::from_raw_os_error(word(4));
+        if word(0) == 2 {
+            let u = spec.user.unwrap_or(hpcvm_agent::JobUser { uid: 0, gid: 0 });
+            return Err(JobError {
+                error: format!("cannot run the job as uid {} gid {}: {e}", u.uid, u.gid),
+                status: 126,
+            });
+        }
         if word(0) == 0 {
             return Err(JobError {
                 error: format!(

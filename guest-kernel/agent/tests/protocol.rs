@@ -106,6 +106,7 @@ fn spec(argv: &[&str]) -> JobSpec {
         stdio: None,
         root: None,
         mounts: Vec::new(),
+        user: None,
     }
 }
 

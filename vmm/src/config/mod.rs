@@ -170,6 +170,18 @@ pub struct JobConfig {
     /// hpcvm's stdin becomes the job's (on a virtio-console port); else the job's
     /// stdin is /dev/null. The `hpcvm` binary sets it unless stdin is a terminal.
     pub stdin: bool,
+    /// The uid and gid the job runs as in the guest; root when absent.
+    pub user: Option<JobUser>,
+}
+
+/// A job's identity in the guest (the agent's wire type).
+pub use hpcvm_agent::JobUser;
+
+/// The calling process's real uid and gid, as a job's identity.
+pub fn caller_identity() -> JobUser {
+    // SAFETY: getuid and getgid cannot fail.
+    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    JobUser { uid, gid }
 }
 
 /// The environment every job starts with; `--env` adds to or overrides it.
@@ -186,18 +198,47 @@ pub const JOB_BASE_ENV: &[(&str, &str)] = &[
 ];
 
 impl JobConfig {
-    /// The job's full environment: the base, then `--env` entries (later wins).
+    /// The job's full environment: the base, then `--env` entries (later wins). A job
+    /// run as another user than root gets that user's name (from the host's user
+    /// database, else `uidN`) and its working directory as HOME.
     pub fn environment(&self) -> Vec<(String, String)> {
         let mut env: Vec<(String, String)> = JOB_BASE_ENV
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
+        if let Some(user) = self.user.filter(|u| u.uid != 0) {
+            let name = user_name(user.uid).unwrap_or_else(|| format!("uid{}", user.uid));
+            for (k, v) in &mut env {
+                match k.as_str() {
+                    "HOME" => *v = self.cwd.clone(),
+                    "USER" | "LOGNAME" => *v = name.clone(),
+                    _ => {}
+                }
+            }
+        }
         for (k, v) in &self.env {
             env.retain(|(ek, _)| ek != k);
             env.push((k.clone(), v.clone()));
         }
         env
     }
+}
+
+/// The name of host user `uid`, if the user database has one.
+fn user_name(uid: u32) -> Option<String> {
+    let mut buf = vec![0u8; 4096];
+    // SAFETY: passwd is plain data filled in by getpwuid_r.
+    let mut pw: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut found: *mut libc::passwd = std::ptr::null_mut();
+    // SAFETY: every pointer is valid for the call; buf outlives the use of pw.
+    let rc =
+        unsafe { libc::getpwuid_r(uid, &mut pw, buf.as_mut_ptr().cast(), buf.len(), &mut found) };
+    if rc != 0 || found.is_null() {
+        return None;
+    }
+    // SAFETY: on success pw_name points at a NUL-terminated string in buf.
+    let name = unsafe { std::ffi::CStr::from_ptr(pw.pw_name) };
+    Some(name.to_string_lossy().into_owned())
 }
 
 /// Everything needed to build and run one VM.

@@ -74,6 +74,11 @@ pub struct RunRequest {
     /// the same path and the job starts there, as `apptainer exec` does).
     #[arg(long)]
     pub no_share_cwd: bool,
+    /// With `-- CMD`, run the job as root in the guest. By default it runs as the
+    /// caller's uid and gid, so that what it writes in shared directories is the
+    /// caller's.
+    #[arg(long)]
+    pub guest_root: bool,
     /// Control socket (newline-delimited JSON; see docs/api.md), created 0600.
     #[arg(long, value_name = "PATH")]
     pub api_socket: Option<PathBuf>,
@@ -197,6 +202,7 @@ fn config_from(args: RunRequest) -> Result<VmConfig, CliError> {
                 busybox: assets.busybox,
                 console_stdio: true,
                 image: args.image.is_some(),
+                user: (!args.guest_root).then(crate::config::caller_identity),
                 // A terminal stays the console's; anything else (a pipe, a file,
                 // /dev/null) is the job's input, as with `apptainer exec`.
                 stdin: !std::io::IsTerminal::is_terminal(&std::io::stdin()),
