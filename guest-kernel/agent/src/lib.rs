@@ -38,6 +38,10 @@ pub mod kind {
     pub const SIGNAL: u8 = 0x02;
 }
 
+/// The guest's host name: the agent sets it, and hpcvm puts it in every job's
+/// `HOSTNAME`.
+pub const GUEST_HOSTNAME: &str = "hpcvm";
+
 /// Largest payload either side sends or accepts.
 pub const MAX_PAYLOAD: usize = 1 << 20;
 /// Bytes before the payload.

@@ -101,15 +101,13 @@ fn mount_filesystems() {
     }
 }
 
-/// The guest's host name: what `HOSTNAME` says in every job's environment.
-const HOSTNAME: &[u8] = b"hpcvm";
-
 /// Names the guest and brings up the loopback interface (the kernel gives it
 /// 127.0.0.1 as it comes up), as any Linux init does: Open MPI's PMIx server, for
 /// one, listens on loopback even when every rank is in this guest.
 fn bring_up_host_identity() {
+    let name = hpcvm_agent::GUEST_HOSTNAME;
     // SAFETY: the name is a valid buffer of the given length.
-    if unsafe { libc::sethostname(HOSTNAME.as_ptr().cast(), HOSTNAME.len()) } != 0 {
+    if unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) } != 0 {
         eprintln!("hpcvm-agent: sethostname: {}", io::Error::last_os_error());
     }
     if let Err(e) = loopback_up() {
@@ -446,8 +444,7 @@ fn start_job(
         unsafe { libc::waitpid(pid, &mut status, 0) };
         let word = |i: usize| i32::from_ne_bytes(report[i..i + 4].try_into().unwrap_or([0; 4]));
         let e = io::Error::from_raw_os_error(word(4));
-        if word(0) == 2 {
-            let u = spec.user.unwrap_or(hpcvm_agent::JobUser { uid: 0, gid: 0 });
+        if let (2, Some(u)) = (word(0), user) {
             return Err(JobError {
                 error: format!("cannot run the job as uid {} gid {}: {e}", u.uid, u.gid),
                 status: 126,

@@ -194,7 +194,7 @@ pub const JOB_BASE_ENV: &[(&str, &str)] = &[
     ("USER", "root"),
     ("LOGNAME", "root"),
     ("SHELL", "/bin/sh"),
-    ("HOSTNAME", "hpcvm"),
+    ("HOSTNAME", hpcvm_agent::GUEST_HOSTNAME),
 ];
 
 impl JobConfig {

@@ -271,15 +271,9 @@ fn hugepages(paths: &HostPaths, memory: Option<MemoryConfig>) -> Vec<Check> {
             read_u64(&dir.join("nr_hugepages")),
             read_u64(&dir.join("free_hugepages")),
         );
-        let nodes: Vec<String> = per_node_free(paths, kib)
-            .iter()
-            .map(|(n, f)| format!("node{n}: {f}"))
-            .collect();
-        let nodes = if nodes.is_empty() {
-            String::new()
-        } else {
-            format!(" ({})", nodes.join(", "))
-        };
+        let nodes = per_node_list(paths, kib)
+            .map(|l| format!(" ({l})"))
+            .unwrap_or_default();
         let name = format!("hugepages {}", size_name(kib));
         let finding = format!("{} of {} free{nodes}", free.unwrap_or(0), nr.unwrap_or(0));
         match asked {
@@ -299,6 +293,15 @@ fn hugepages(paths: &HostPaths, memory: Option<MemoryConfig>) -> Vec<Check> {
     out
 }
 
+/// `node0: F, node1: F` of the `kib` pools' free pages; none on a host without nodes.
+fn per_node_list(paths: &HostPaths, kib: u64) -> Option<String> {
+    let nodes: Vec<String> = per_node_free(paths, kib)
+        .iter()
+        .map(|(n, f)| format!("node{n}: {f}"))
+        .collect();
+    (!nodes.is_empty()).then(|| nodes.join(", "))
+}
+
 /// The pool `--memory ...,hugepages=` draws from: FAIL unless it holds the guest.
 fn asked_pool(paths: &HostPaths, m: MemoryConfig) -> Check {
     let size = m.hugepages.name();
@@ -312,15 +315,9 @@ fn asked_pool(paths: &HostPaths, m: MemoryConfig) -> Check {
         }
     };
     let needed = m.size.div_ceil(m.hugepages.bytes());
-    let nodes: Vec<String> = per_node_free(paths, kib)
-        .iter()
-        .map(|(n, f)| format!("node{n}: {f}"))
-        .collect();
-    let nodes = if nodes.is_empty() {
-        String::new()
-    } else {
-        format!("; {}", nodes.join(", "))
-    };
+    let nodes = per_node_list(paths, kib)
+        .map(|l| format!("; {l}"))
+        .unwrap_or_default();
     let finding = format!(
         "{} of {} free, guest needs {needed}{nodes}",
         pool.available(),

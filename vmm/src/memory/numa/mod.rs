@@ -35,6 +35,13 @@ pub struct NumaLayout {
     pub nodes: Vec<NumaNode>,
 }
 
+impl NumaNode {
+    /// Bytes of guest RAM in the node.
+    pub fn ram_bytes(&self) -> u64 {
+        self.ram.iter().map(|r| r.1).sum()
+    }
+}
+
 impl NumaLayout {
     /// The node of vCPU `index`.
     pub fn node_of(&self, index: u32) -> u32 {
@@ -304,7 +311,7 @@ fn pool_needs(layout: &NumaLayout, page: HugePageSize) -> Vec<(u32, u64)> {
     let mut need: Vec<(u32, u64)> = Vec::new();
     for node in &layout.nodes {
         let Some(host) = node.host_node else { continue };
-        let pages = node.ram.iter().map(|r| r.1).sum::<u64>() / page.bytes();
+        let pages = node.ram_bytes() / page.bytes();
         match need.iter_mut().find(|(h, _)| *h == host) {
             Some((_, n)) => *n += pages,
             None => need.push((host, pages)),

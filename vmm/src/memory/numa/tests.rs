@@ -150,11 +150,7 @@ fn uneven_auto_groups_share_ram_without_overflowing() {
         &host,
     )
     .unwrap();
-    let sizes: Vec<u64> = l
-        .nodes
-        .iter()
-        .map(|n| n.ram.iter().map(|r| r.1).sum())
-        .collect();
+    let sizes: Vec<u64> = l.nodes.iter().map(NumaNode::ram_bytes).collect();
     assert_eq!(sizes, [1 << 30; 5]);
     // With RAM to spare, the big node gets the spare in proportion.
     let l = plan(
@@ -166,11 +162,7 @@ fn uneven_auto_groups_share_ram_without_overflowing() {
         &host,
     )
     .unwrap();
-    let sizes: Vec<u64> = l
-        .nodes
-        .iter()
-        .map(|n| n.ram.iter().map(|r| r.1 >> 30).sum())
-        .collect();
+    let sizes: Vec<u64> = l.nodes.iter().map(|n| n.ram_bytes() >> 30).collect();
     assert_eq!(sizes, [7, 2, 2, 2, 2]);
     assert_eq!(sizes.iter().sum::<u64>(), 15);
 }
