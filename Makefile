@@ -81,11 +81,12 @@ clean:
 
 # hpcvm under a real single-node Slurm on loopback (tests/slurm/): the test binary
 # installs slurm-wlm and munge if missing, starts the cluster, runs its jobs and stops
-# it again. About 2-3 minutes, most of it three real-guest boots and a 1-minute time limit.
+# it again. About 2-3 minutes, most of it three real-guest boots and a 1-minute time
+# limit; then the MPI image in both Slurm modes (slurm_mpi), about 4 more.
 .PHONY: slurm-test
-slurm-test: deps guest
+slurm-test: deps virtiofsd guest image mpi-deps
 	$(CARGO) build -p vmm --bin hpcvm
-	$(CARGO) test -p hpcvm-tests --test slurm -- --test-threads=1
+	$(CARGO) test -p hpcvm-tests --test slurm --test slurm_mpi -- --test-threads=1
 
 # The parsers under libFuzzer (fuzz/, cargo-fuzz on the nightly toolchain), FUZZ_RUNS
 # inputs each (10 million by default; `make test` runs a short pass of the same

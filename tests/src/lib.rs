@@ -10,8 +10,10 @@ use std::process::Command;
 
 pub mod fuzz;
 pub mod hugepages;
+pub mod mpi;
 pub mod proc;
 pub mod scratch;
+pub mod slurm;
 pub mod unprivileged;
 
 /// Directory holding the built guests (set by `build.rs`).

@@ -7,39 +7,8 @@
 //!
 //! One test function: the account's /dev/kvm grant must not race its restore.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
-
-use hpcvm_tests::proc::hpcvm_bin;
+use hpcvm_tests::mpi::{mpi_image, mpicc};
 use hpcvm_tests::unprivileged::{is_root, owner, Unprivileged};
-
-/// The MPI image `make image` puts beside the guest kernel.
-fn mpi_image() -> PathBuf {
-    let target = hpcvm_bin()
-        .parent()
-        .and_then(Path::parent)
-        .expect("target directory")
-        .to_path_buf();
-    let image = target.join("guest/mpi.ext4");
-    assert!(
-        image.is_file(),
-        "{} is missing: `make image` builds it (make test does)",
-        image.display()
-    );
-    image
-}
-
-/// Builds tests/mpi/NAME.c with the host's mpicc into `out`.
-fn mpicc(name: &str, out: &Path) {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("mpi/{name}.c"));
-    let st = Command::new("mpicc")
-        .args(["-O2", "-o"])
-        .arg(out)
-        .arg(&src)
-        .status()
-        .expect("mpicc (libopenmpi-dev: `make mpi-deps` installs it)");
-    assert!(st.success(), "mpicc {} failed", src.display());
-}
 
 #[test]
 fn ranks_of_a_host_built_program_share_memory_inside_one_vm() {

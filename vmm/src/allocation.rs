@@ -23,9 +23,33 @@ use crate::config::{ConfigError, CpusConfig, MemoryConfig, Topology};
 /// limit that covers the whole job: guest RAM = limit - reserve.
 pub const VMM_RESERVE: u64 = 64 << 20;
 
-/// Environment variables of the job's launcher passed into the guest job.
+/// Environment variables of the job's launcher passed into a `--per-task` VM's job:
+/// that VM is one of the launcher's tasks.
 pub const PASSED_PREFIXES: &[&str] =
     &["SLURM_", "OMPI_", "PMI_", "PMIX_", "PALS_", "FLUX_", "PBS_"];
+
+/// What a VM sized to the whole step gets instead: who the job is, not where its
+/// launcher's daemons and PMI server are. That VM is its own node; an MPI launcher
+/// inside it that saw SLURM_JOBID, SLURM_NODELIST, PBS_ENVIRONMENT or PMIX_* would
+/// try to start its ranks through srun or the host's PMI server, neither of which
+/// the guest can reach.
+pub const IDENTITY_VARS: &[&str] = &[
+    "SLURM_JOB_ID",
+    "SLURM_JOB_NAME",
+    "SLURM_JOB_ACCOUNT",
+    "SLURM_JOB_PARTITION",
+    "SLURM_JOB_USER",
+    "SLURM_CLUSTER_NAME",
+    "SLURM_SUBMIT_DIR",
+    "SLURM_STEP_ID",
+    "SLURM_ARRAY_JOB_ID",
+    "SLURM_ARRAY_TASK_ID",
+    "SLURM_RESTART_COUNT",
+    "PBS_JOBID",
+    "PBS_JOBNAME",
+    "PBS_O_WORKDIR",
+    "FLUX_JOB_ID",
+];
 
 /// Errors sizing the VM from the allocation.
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -209,10 +233,17 @@ pub fn local_tasks(env: &dyn Fn(&str) -> Option<String>) -> u64 {
         .unwrap_or(1)
 }
 
-/// The launcher's variables to hand to the guest job.
-pub fn passed_env(vars: impl Iterator<Item = (String, String)>) -> Vec<(String, String)> {
+/// The launcher's variables to hand to the guest job: all of them for a VM per task,
+/// the job's identity only for a VM sized to the step ([`IDENTITY_VARS`]).
+pub fn passed_env(
+    vars: impl Iterator<Item = (String, String)>,
+    per_task: bool,
+) -> Vec<(String, String)> {
     let mut v: Vec<(String, String)> = vars
-        .filter(|(k, _)| PASSED_PREFIXES.iter().any(|p| k.starts_with(p)))
+        .filter(|(k, _)| match per_task {
+            true => PASSED_PREFIXES.iter().any(|p| k.starts_with(p)),
+            false => IDENTITY_VARS.contains(&k.as_str()),
+        })
         .collect();
     v.sort();
     v
@@ -427,10 +458,29 @@ mod tests {
             ("OMPI_COMM_WORLD_RANK", "3"),
             ("PMIX_RANK", "3"),
             ("SSH_AUTH_SOCK", "/tmp/s"),
+            ("SLURM_JOBID", "42"),
+            ("SLURM_JOB_ID", "42"),
         ];
-        let got = passed_env(vars.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-        let names: Vec<&str> = got.iter().map(|(k, _)| k.as_str()).collect();
-        assert_eq!(names, ["OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID"]);
+        let got = |per_task| {
+            let v = passed_env(
+                vars.iter().map(|(k, v)| (k.to_string(), v.to_string())),
+                per_task,
+            );
+            v.into_iter().map(|(k, _)| k).collect::<Vec<_>>()
+        };
+        assert_eq!(
+            got(true),
+            [
+                "OMPI_COMM_WORLD_RANK",
+                "PMIX_RANK",
+                "SLURM_JOBID",
+                "SLURM_JOB_ID",
+                "SLURM_PROCID"
+            ]
+        );
+        // A VM sized to the step runs its own launcher: nothing that tells it it is
+        // inside a Slurm step.
+        assert_eq!(got(false), ["SLURM_JOB_ID"]);
     }
 
     #[test]

@@ -45,8 +45,9 @@ pub struct RunRequest {
     pub numa: String,
     /// Size and pin the VM from this job's allocation: one vCPU per CPU of this
     /// process's affinity (its cpuset), pinned 1:1, topology mirroring the host; memory
-    /// from the memory cgroup limit, SLURM_MEM_PER_NODE/PER_CPU or scontrol; the
-    /// launcher's SLURM_*, OMPI_*, PMI_*, PMIX_* variables passed to the job.
+    /// from the memory cgroup limit, SLURM_MEM_PER_NODE/PER_CPU or scontrol; the job's
+    /// identity (SLURM_JOB_ID, ...) passed to the job, all of the launcher's SLURM_*,
+    /// OMPI_*, PMI_*, PMIX_* variables with --per-task.
     #[arg(long)]
     pub from_allocation: bool,
     /// With --from-allocation: one VM per task, the node's memory shared by its tasks
@@ -240,7 +241,7 @@ fn config_from(args: RunRequest) -> Result<VmConfig, CliError> {
     let mut job = job;
     if let (Some(job), true) = (job.as_mut(), args.from_allocation) {
         // The launcher's variables first, so that --env can override them.
-        let mut env = allocation::passed_env(std::env::vars());
+        let mut env = allocation::passed_env(std::env::vars(), args.per_task);
         env.append(&mut job.env);
         job.env = env;
     }
