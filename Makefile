@@ -71,7 +71,7 @@ test: deps virtiofsd lint guest image mpi-deps
 	$(CARGO) test --workspace
 
 # Tables (and a PNG of the ratios) in benches/results/; beside QEMU, in the same run.
-bench: build guest
+bench: build guest image mpi-deps
 	@command -v qemu-system-x86_64 >/dev/null && command -v gnuplot >/dev/null || \
 	  { apt-get update && apt-get install -y --no-install-recommends qemu-system-x86 gnuplot-nox; }
 	$(RELEASE)/hpcvm-bench

@@ -48,7 +48,7 @@ fn dd_script(m: &str, log: &str, out: &str) -> String {
 /// same virtiofsd through vhost-user-fs, a virtio-serial port for stdout.
 fn qemu_run(hpcvm: &Path, dir: &Path, mib: usize) -> Result<Vec<(String, f64)>, String> {
     let guest = crate::guest::guest_dir(hpcvm).ok_or("no default guest (make guest)")?;
-    let virtiofsd = vmm::virtio::fs::find_virtiofsd().ok_or("no virtiofsd")?;
+    let virtiofsd_bin = vmm::virtio::fs::find_virtiofsd().ok_or("no virtiofsd")?;
     let m = mib.to_string();
     let init = format!(
         "#!/bin/busybox sh\n/bin/busybox --install -s /bin\n\
@@ -58,39 +58,10 @@ fn qemu_run(hpcvm: &Path, dir: &Path, mib: usize) -> Result<Vec<(String, f64)>, 
          {}\necho QEMU-DONE\nreboot -f\n",
         dd_script(&m, "", " of=/dev/$port")
     );
-    let mut c = vmm::boot::initramfs::Cpio::new(Vec::new());
-    for d in ["bin", "dev", "proc", "sys"] {
-        c.dir(d, 0o755).map_err(|e| e.to_string())?;
-    }
-    c.chardev("dev/console", 0o600, 5, 1)
-        .map_err(|e| e.to_string())?;
-    let busybox = std::fs::read(guest.join("busybox")).map_err(|e| e.to_string())?;
-    c.file("bin/busybox", 0o755, &busybox)
-        .map_err(|e| e.to_string())?;
-    c.file("init", 0o755, init.as_bytes())
-        .map_err(|e| e.to_string())?;
     let initrd = dir.join("qemu-init.cpio");
-    std::fs::write(&initrd, c.finish().map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
+    busybox_initramfs(&guest.join("busybox"), &init, &initrd)?;
     let sock = dir.join("qemu-vfs.sock");
-    let mut vfs = Command::new(virtiofsd)
-        .arg(format!("--socket-path={}", sock.display()))
-        .arg(format!("--shared-dir={}", dir.join("share").display()))
-        .args([
-            "--sandbox",
-            "none",
-            "--cache",
-            "auto",
-            "--log-level",
-            "error",
-        ])
-        .spawn()
-        .map_err(|e| e.to_string())?;
-    for _ in 0..200 {
-        if sock.exists() {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
+    let mut vfs = virtiofsd(&virtiofsd_bin, &sock, &dir.join("share"))?;
     let port_out = dir.join("qemu-stdout.bin");
     let mut q = crate::startup::qemu_base("256M");
     q.args([
@@ -147,6 +118,45 @@ fn qemu_run(hpcvm: &Path, dir: &Path, mib: usize) -> Result<Vec<(String, f64)>, 
             t.len()
         ))
     }
+}
+
+/// A busybox initramfs for QEMU whose /init is `init` (a busybox sh script), at `out`.
+pub fn busybox_initramfs(busybox: &Path, init: &str, out: &Path) -> Result<(), String> {
+    let e = |e: std::io::Error| e.to_string();
+    let mut c = vmm::boot::initramfs::Cpio::new(Vec::new());
+    for d in ["bin", "dev", "proc", "sys"] {
+        c.dir(d, 0o755).map_err(e)?;
+    }
+    c.chardev("dev/console", 0o600, 5, 1).map_err(e)?;
+    c.file("bin/busybox", 0o755, &std::fs::read(busybox).map_err(e)?)
+        .map_err(e)?;
+    c.file("init", 0o755, init.as_bytes()).map_err(e)?;
+    std::fs::write(out, c.finish().map_err(e)?).map_err(e)
+}
+
+/// virtiofsd serving `shared` on `sock` for QEMU's vhost-user-fs, once the socket is
+/// there.
+pub fn virtiofsd(bin: &Path, sock: &Path, shared: &Path) -> Result<std::process::Child, String> {
+    let child = Command::new(bin)
+        .arg(format!("--socket-path={}", sock.display()))
+        .arg(format!("--shared-dir={}", shared.display()))
+        .args([
+            "--sandbox",
+            "none",
+            "--cache",
+            "auto",
+            "--log-level",
+            "error",
+        ])
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    for _ in 0..200 {
+        if sock.exists() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    Ok(child)
 }
 
 /// One guest run's timings, in seconds, by name.

@@ -5,13 +5,14 @@
 //! (control requests, default 1000), `HPCVM_BENCH_PREFAULT_GIB` (default "1,4,8"),
 //! `HPCVM_BENCH_DESTROY_GIB` (default "1,4,8"), `HPCVM_BENCH_REPS` (default 3),
 //! `HPCVM_BENCH_IO_MIB` (data path transfer size, default 16), `HPCVM_BENCH_ONLY`
-//! (comma-separated: startup, control, prefault, destroy, boot, compute, datapath;
-//! default all).
+//! (comma-separated: startup, control, prefault, destroy, boot, compute, datapath,
+//! mpi; default all), `HPCVM_BENCH_HPCC_N` (HPCC's problem size, default 400).
 
 mod control;
 mod datapath;
 mod guest;
 mod memory;
+mod mpi;
 mod plot;
 mod startup;
 mod stats;
@@ -90,6 +91,10 @@ fn main() {
         (
             "datapath",
             Box::new(|| datapath::run(&hpcvm, env_num("HPCVM_BENCH_IO_MIB", 16), reps)),
+        ),
+        (
+            "mpi",
+            Box::new(|| mpi::run(&hpcvm, env_num("HPCVM_BENCH_HPCC_N", 400), reps)),
         ),
     ];
     let only = std::env::var("HPCVM_BENCH_ONLY").ok();
