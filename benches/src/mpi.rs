@@ -4,6 +4,7 @@
 //! input on the host (`make mpi-deps`); and the boot to job start with `--image`
 //! beside the initramfs guest.
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Instant;
@@ -302,6 +303,17 @@ fn job_start(hpcvm: &Path, image: Option<&Path>, reps: usize) -> Vec<f64> {
         .collect()
 }
 
+/// Whether `name` is an executable in PATH (without running it: `hpcc` given any
+/// argument runs the benchmark in the current directory).
+fn on_path(name: &str) -> bool {
+    std::env::var_os("PATH").is_some_and(|p| {
+        std::env::split_paths(&p).any(|d| {
+            std::fs::metadata(d.join(name))
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+    })
+}
+
 /// `x` with 3 significant digits (these figures span 1e-3 to 1e5).
 fn sig(x: f64) -> String {
     let digits = if x == 0.0 {
@@ -329,9 +341,7 @@ pub fn run(hpcvm: &Path, n: usize, reps: usize) -> String {
     let Some(image) = image(hpcvm) else {
         return format!("{title}Skipped: no MPI image (run `make image`).\n");
     };
-    if Command::new("hpcc").arg("-h").output().is_err()
-        || Command::new("NPopenmpi").arg("-h").output().is_err()
-    {
+    if !on_path("hpcc") || !on_path("NPopenmpi") {
         return format!(
             "{title}Skipped: no hpcc or NPopenmpi on the host (run `make mpi-deps`).\n"
         );
