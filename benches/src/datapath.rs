@@ -63,40 +63,21 @@ fn qemu_run(hpcvm: &Path, dir: &Path, mib: usize) -> Result<Vec<(String, f64)>, 
     let sock = dir.join("qemu-vfs.sock");
     let mut vfs = virtiofsd(&virtiofsd_bin, &sock, &dir.join("share"))?;
     let port_out = dir.join("qemu-stdout.bin");
-    let mut q = crate::startup::qemu_base("256M");
-    q.args([
-        "-M",
-        "microvm,x-option-roms=off,rtc=off,acpi=off,memory-backend=mem",
-        "-no-reboot",
-    ])
-    .args(["-object", "memory-backend-memfd,id=mem,size=256M,share=on"])
-    .arg("-kernel")
-    .arg(guest.join("vmlinux"))
-    .arg("-initrd")
-    .arg(&initrd)
-    .args([
-        "-append",
-        &format!("{} rdinit=/init", crate::guest::cmdline()),
-    ])
-    .args([
-        "-drive",
-        &format!(
-            "file={},if=none,id=d0,format=raw",
-            dir.join("disk.img").display()
-        ),
-    ])
-    .args(["-device", "virtio-blk-device,drive=d0"])
-    .args([
-        "-chardev",
-        &format!("socket,id=vfs,path={}", sock.display()),
-    ])
-    .args(["-device", "vhost-user-fs-device,chardev=vfs,tag=share"])
-    .args(["-device", "virtio-serial-device"])
-    .args([
-        "-chardev",
-        &format!("file,id=out,path={}", port_out.display()),
-    ])
-    .args(["-device", "virtserialport,chardev=out,name=out"]);
+    let mut q = qemu_guest(
+        &guest,
+        "256M",
+        ",x-option-roms=off,rtc=off,acpi=off",
+        "",
+        &initrd,
+    );
+    let drive = format!("file={},format=raw", dir.join("disk.img").display());
+    qemu_blk_and_fs(&mut q, &drive, &sock, "share");
+    q.args(["-device", "virtio-serial-device"])
+        .args([
+            "-chardev",
+            &format!("file,id=out,path={}", port_out.display()),
+        ])
+        .args(["-device", "virtserialport,chardev=out,name=out"]);
     let out = Command::new("timeout")
         .arg("400")
         .arg(q.get_program())
@@ -157,6 +138,52 @@ pub fn virtiofsd(bin: &Path, sock: &Path, shared: &Path) -> Result<std::process:
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
     Ok(child)
+}
+
+/// QEMU microvm (`machine`: more -M options) booting the default guest's kernel
+/// with `initrd` as its /init and hpcvm's command line; `memory` of RAM from a memfd
+/// (shared, as vhost-user needs; `mem_opts`: more of its options).
+pub fn qemu_guest(
+    guest: &Path,
+    memory: &str,
+    machine: &str,
+    mem_opts: &str,
+    initrd: &Path,
+) -> Command {
+    let mut q = crate::startup::qemu_base(memory);
+    q.args([
+        "-M",
+        &format!("microvm{machine},memory-backend=mem"),
+        "-no-reboot",
+    ])
+    .args([
+        "-object",
+        &format!("memory-backend-memfd,id=mem,size={memory},share=on{mem_opts}"),
+    ])
+    .arg("-kernel")
+    .arg(guest.join("vmlinux"))
+    .arg("-initrd")
+    .arg(initrd)
+    .args([
+        "-append",
+        &format!("{} rdinit=/init", crate::guest::cmdline()),
+    ]);
+    q
+}
+
+/// Adds `drive` (`file=...` and its -drive options) as a virtio-blk disk and the
+/// virtiofsd on `sock` as virtio-fs `tag`.
+pub fn qemu_blk_and_fs(q: &mut Command, drive: &str, sock: &Path, tag: &str) {
+    q.args(["-drive", &format!("{drive},if=none,id=d0")])
+        .args(["-device", "virtio-blk-device,drive=d0"])
+        .args([
+            "-chardev",
+            &format!("socket,id=vfs,path={}", sock.display()),
+        ])
+        .args([
+            "-device",
+            &format!("vhost-user-fs-device,chardev=vfs,tag={tag}"),
+        ]);
 }
 
 /// One guest run's timings, in seconds, by name.

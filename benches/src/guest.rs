@@ -147,7 +147,13 @@ fn loop_script(iterations: u64) -> String {
 }
 
 fn elapsed(out: &str) -> Option<f64> {
-    let l = out.lines().find(|l| l.starts_with("elapsed "))?;
+    uptime_span(out, "elapsed ")
+}
+
+/// `b - a` of the first line of `text` that reads "`prefix`a b" (two /proc/uptime
+/// readings a job printed around what it timed).
+pub fn uptime_span(text: &str, prefix: &str) -> Option<f64> {
+    let l = text.lines().find(|l| l.starts_with(prefix))?;
     let v: Vec<f64> = l
         .split_whitespace()
         .skip(1)

@@ -105,19 +105,11 @@ fn figures(dir: &Path) -> Result<Figures, String> {
     values.push(("netpipe-latency".into(), lat));
     values.push(("netpipe-peak".into(), peak));
     let times = read("times.txt")?;
-    let span = |name: &str| -> Option<f64> {
-        let l = times.lines().find(|l| l.starts_with(name))?;
-        let v: Vec<f64> = l
-            .split_whitespace()
-            .skip(1)
-            .filter_map(|x| x.parse().ok())
-            .collect();
-        Some(v.get(1)? - v.first()?)
-    };
+    let span = |name| crate::guest::uptime_span(&times, name);
     Ok(Figures {
         values,
-        hpcc_s: span("hpcc").ok_or("times.txt: no hpcc line")?,
-        netpipe_s: span("netpipe").ok_or("times.txt: no netpipe line")?,
+        hpcc_s: span("hpcc ").ok_or("times.txt: no hpcc line")?,
+        netpipe_s: span("netpipe ").ok_or("times.txt: no netpipe line")?,
     })
 }
 
@@ -231,34 +223,16 @@ fn qemu_run(hpcvm: &Path, image: &Path, n: usize, single_copy: &str) -> Result<F
     let sock = boot.join("vfs.sock");
     let mut vfs = crate::datapath::virtiofsd(&virtiofsd_bin, &sock, &dir)?;
     let _pool = Reservation::take(512);
-    let mut q = crate::startup::qemu_base("1G");
-    q.args(["-M", "microvm,memory-backend=mem", "-no-reboot"])
-        .args(["-smp", "2"])
-        .args([
-            "-object",
-            "memory-backend-memfd,id=mem,size=1G,share=on,hugetlb=on,hugetlbsize=2M,prealloc=on",
-        ])
-        .arg("-kernel")
-        .arg(guest.join("vmlinux"))
-        .arg("-initrd")
-        .arg(&initrd)
-        .args([
-            "-append",
-            &format!("{} rdinit=/init", crate::guest::cmdline()),
-        ])
-        .args([
-            "-drive",
-            &format!(
-                "file={},if=none,id=d0,format=raw,readonly=on",
-                image.display()
-            ),
-        ])
-        .args(["-device", "virtio-blk-device,drive=d0"])
-        .args([
-            "-chardev",
-            &format!("socket,id=vfs,path={}", sock.display()),
-        ])
-        .args(["-device", "vhost-user-fs-device,chardev=vfs,tag=work"]);
+    let mut q = crate::datapath::qemu_guest(
+        &guest,
+        "1G",
+        "",
+        ",hugetlb=on,hugetlbsize=2M,prealloc=on",
+        &initrd,
+    );
+    q.args(["-smp", "2"]);
+    let drive = format!("file={},format=raw,readonly=on", image.display());
+    crate::datapath::qemu_blk_and_fs(&mut q, &drive, &sock, "work");
     let out = Command::new("taskset")
         .args(["-c", "0-1", "timeout", "3000"])
         .arg(q.get_program())

@@ -136,6 +136,20 @@ pub fn slurm_cmd(c: &Cluster, program: &str) -> Command {
     cmd
 }
 
+/// The host CPUs a step of `srun -c N` gets (its affinity, what
+/// `--from-allocation` reads).
+pub fn step_cpus(c: &Cluster, cpus: usize) -> Vec<usize> {
+    let mut cmd = slurm_cmd(c, "srun");
+    cmd.args([
+        "-c",
+        &cpus.to_string(),
+        "grep",
+        "Cpus_allowed_list",
+        "/proc/self/status",
+    ]);
+    parse_cpu_list(stdout_of(cmd).split(':').nth(1).unwrap_or(""))
+}
+
 pub fn run(mut cmd: Command) -> Output {
     let out = cmd.output().expect("run a Slurm command");
     assert!(

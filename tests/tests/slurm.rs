@@ -27,23 +27,11 @@ use hpcvm_tests::slurm::*;
 fn cluster_binds_steps_to_their_cpus() {
     let (c, _serial) = cluster();
     let all = hpcvm_tests::proc::allowed_cpus();
-    let mut cmd = slurm_cmd(c, "srun");
-    cmd.args(["-c", "1", "grep", "Cpus_allowed_list", "/proc/self/status"]);
-    let one = stdout_of(cmd);
-    let one = parse_cpu_list(one.split(':').nth(1).unwrap_or(""));
+    let one = step_cpus(c, 1);
     assert_eq!(one.len(), 1, "srun -c 1 gave CPUs {one:?}");
     assert!(all.contains(&one[0]), "{one:?} not in {all:?}");
 
-    let mut cmd = slurm_cmd(c, "srun");
-    cmd.args([
-        "-c",
-        &all.len().to_string(),
-        "grep",
-        "Cpus_allowed_list",
-        "/proc/self/status",
-    ]);
-    let every = stdout_of(cmd);
-    assert_eq!(parse_cpu_list(every.split(':').nth(1).unwrap_or("")), all);
+    assert_eq!(step_cpus(c, all.len()), all);
 }
 
 /// Two one-CPU steps side by side get different cores, and each VM's vCPU is pinned to
@@ -135,9 +123,7 @@ fn one_cpu_steps_pin_to_their_own_core_and_scancel_is_shutdown_then_destroy() {
 fn srun_from_allocation_nproc_and_vcpu_pinning() {
     let (c, _serial) = cluster();
     require_real_guest();
-    let mut cmd = slurm_cmd(c, "srun");
-    cmd.args(["-c", "2", "grep", "Cpus_allowed_list", "/proc/self/status"]);
-    let step_cpus = parse_cpu_list(stdout_of(cmd).split(':').nth(1).unwrap_or(""));
+    let step_cpus = step_cpus(c, 2);
     assert_eq!(step_cpus.len(), 2, "srun -c 2 gave {step_cpus:?}");
 
     let tag = format!("{}-nproc", marker());

@@ -42,9 +42,7 @@ fn one_vm_sized_to_the_step_runs_the_ranks_inside_it() {
     let dir = work_dir(c, "mpi-one-vm");
     mpicc("shm_check", &dir.join("shm_check"));
 
-    let mut cmd = slurm_cmd(c, "srun");
-    cmd.args(["-c", "2", "grep", "Cpus_allowed_list", "/proc/self/status"]);
-    let step_cpus = parse_cpu_list(stdout_of(cmd).split(':').nth(1).unwrap_or(""));
+    let step_cpus = step_cpus(c, 2);
     assert_eq!(step_cpus.len(), 2, "srun -c 2 gave {step_cpus:?}");
 
     // The host side says which job this is; the guest job must see the same id, and
