@@ -84,7 +84,7 @@ pub fn job_frame(spec: &JobSpec) -> Vec<u8> {
 }
 
 /// What the control loop needs to know about the job.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct JobReport {
     /// The agent is up (it said READY).
     pub ready: bool,
@@ -194,23 +194,42 @@ fn write_fd(fd: std::os::fd::BorrowedFd<'_>, data: &[u8]) {
 /// Bytes the guest writes to COM2, decoded into frames.
 struct FrameSink {
     link: Arc<AgentLink>,
-    dec: Decoder,
-    broken: bool,
+    dec: Arc<Mutex<(Decoder, bool)>>,
+}
+
+/// The agent channel's state in a checkpoint: COM2, the decoder's partial frame,
+/// and the link (the job's report, frames not yet sent, signals held).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct AgentState {
+    /// COM2.
+    pub uart: devices::legacy::UartState,
+    /// Guest bytes that do not make a frame yet.
+    pub partial: Vec<u8>,
+    /// The channel broke (garbage on the wire).
+    pub broken: bool,
+    /// What the agent reported so far.
+    pub report: JobReport,
+    /// Frames for the agent not yet in COM2.
+    pub to_guest: Vec<u8>,
+    /// Signals held until the agent is up.
+    pub held_signals: Vec<u8>,
 }
 
 impl Write for FrameSink {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        if self.broken {
+        let mut guard = lock(&self.dec);
+        let (dec, broken) = &mut *guard;
+        if *broken {
             return Ok(buf.len());
         }
-        self.dec.push(buf);
+        dec.push(buf);
         loop {
-            match self.dec.next_frame() {
+            match dec.next_frame() {
                 Ok(Some((k, payload))) => self.link.on_frame(k, &payload),
                 Ok(None) => break,
                 Err(e) => {
                     lock(&self.link.report).protocol_error = Some(e.0);
-                    self.broken = true;
+                    *broken = true;
                     break;
                 }
             }
@@ -228,20 +247,48 @@ impl Write for FrameSink {
 pub struct AgentPort {
     uart: Uart,
     link: Arc<AgentLink>,
+    /// The sink's decoder, shared so that a checkpoint can see it.
+    dec: Arc<Mutex<(Decoder, bool)>>,
 }
 
 impl AgentPort {
     /// A port raising `irq` and speaking for `link`.
     pub fn new(irq: devices::EventFdTrigger, link: Arc<AgentLink>) -> Self {
+        let dec = Arc::new(Mutex::new((Decoder::default(), false)));
         let sink = FrameSink {
             link: link.clone(),
-            dec: Decoder::default(),
-            broken: false,
+            dec: dec.clone(),
         };
         Self {
             uart: Uart::new(irq, Box::new(sink)),
             link,
+            dec,
         }
+    }
+
+    /// The channel's state, for a checkpoint.
+    pub fn state(&self) -> AgentState {
+        let dec = lock(&self.dec);
+        AgentState {
+            uart: self.uart.state(),
+            partial: dec.0.pending().to_vec(),
+            broken: dec.1,
+            report: self.link.report(),
+            to_guest: lock(&self.link.to_guest).clone(),
+            held_signals: lock(&self.link.held_signals).clone(),
+        }
+    }
+
+    /// Puts back what [`AgentPort::state`] saved (the job spec is the link's own).
+    pub fn restore(&mut self, state: &AgentState) -> io::Result<()> {
+        self.uart.restore(&state.uart)?;
+        let mut dec = Decoder::default();
+        dec.push(&state.partial);
+        *lock(&self.dec) = (dec, state.broken);
+        *lock(&self.link.report) = state.report.clone();
+        *lock(&self.link.to_guest) = state.to_guest.clone();
+        *lock(&self.link.held_signals) = state.held_signals.clone();
+        Ok(())
     }
 
     /// Moves queued host->agent frames into the UART.

@@ -12,6 +12,8 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::agent::{self, AgentLink};
 use crate::api::ApiSocket;
 use crate::boot::{self, initramfs, BootImage};
+use crate::checkpoint::vcpu::{self as vcpu_state, VcpuState};
+use crate::checkpoint::{self, Checkpoint, CheckpointError, Snapshotter};
 use crate::config::{CpusConfig, JobConfig, VmConfig};
 use crate::control::{self, signals::StopSignals};
 use crate::host;
@@ -37,6 +39,7 @@ pub(crate) fn build(
     config: &VmConfig,
     extra: Vec<Passthrough>,
     options: RunOptions,
+    restore: Option<&Checkpoint>,
 ) -> Result<Vmm, Error> {
     // Passthrough devices are checked before anything is created.
     let host_devices = vfio::preflight(&HostPaths::real(), &config.devices, config.memory.size)?;
@@ -100,6 +103,12 @@ pub(crate) fn build(
     let places = places(&config.cpus.topology);
     let llc_sharing = memory::numa::llc_sharing(&numa, &places, &config.cpus.topology)?;
     let vm = Arc::new(Vm::new(config.cpus.count)?);
+    if let Some(ck) = restore {
+        for v in &ck.state.vcpus {
+            vcpu_state::check_features(&v.cpuid, &vm.supported_cpuid)
+                .map_err(CheckpointError::CpuFeatures)?;
+        }
+    }
     // In-kernel devices on one thread, guest RAM and the kernel image on this one.
     let pci_intx = crate::pci::intx_routes(host_devices.devices.len() + extra.len());
     let (irqchip, loaded) = std::thread::scope(|s| {
@@ -111,6 +120,7 @@ pub(crate) fn build(
             &allowed,
             software_kvm,
             &pci_intx,
+            restore,
         );
         (irqchip.join(), loaded)
     });
@@ -133,6 +143,7 @@ pub(crate) fn build(
     let mut mmio = MmioBus::mmio();
     let mut passthrough = vfio::open(&vm.vm.fd, &host_devices)?;
     passthrough.extend(extra);
+    let refusal = checkpoint::refusal(config, passthrough.len());
     let virtio = virtio_slots(config, disks, shares, (&out_fd, &err_fd))?;
     let pci = if passthrough.is_empty() && virtio.is_empty() {
         None
@@ -147,22 +158,21 @@ pub(crate) fn build(
             &mut mmio,
         )?)
     };
-    // Written once the buses exist: the tables describe what is on them.
-    crate::acpi::write(
-        &vm.mem,
-        &crate::acpi::Machine {
-            cpus: &places,
-            numa: &numa,
-            pci: pci.as_ref().map(|_| crate::acpi::PciRoot {
-                mmio64: (
-                    memory::layout::pci_mmio64_start(config.memory.size),
-                    memory::layout::PCI_MMIO64_SIZE,
-                ),
-                intx: &pci_intx,
-            }),
-            com2: legacy.agent_port.is_some(),
-        },
-    )?;
+    // Written once the buses exist: the tables describe what is on them (a
+    // restored guest has them in its RAM already, with its devices' state).
+    if let Some(ck) = restore {
+        checkpoint::restore::devices(&ck.state.devices, &legacy, pci.as_ref())?;
+    } else {
+        write_acpi(
+            config,
+            &vm.mem,
+            &places,
+            &numa,
+            pci.is_some(),
+            &pci_intx,
+            &legacy,
+        )?;
+    }
     let virtio_thread = match pci.as_ref().map(PciBus::virtio_devices) {
         Some(devs) if !devs.is_empty() => Some(
             VirtioThread::start(devs, config.seccomp)
@@ -187,14 +197,29 @@ pub(crate) fn build(
         config,
         llc_sharing,
         &places,
-        &image,
+        (image.as_ref(), restore.map(|ck| ck.state.vcpus.as_slice())),
         &vm.mem,
         &buses,
         &shared,
         software_kvm,
     )?;
+    if let Some(ck) = restore {
+        checkpoint::machine::restore(&vm.vm.fd, &ck.state.machine)?;
+    }
+    let snapshot = Snapshotter {
+        vm: vm.vm.clone(),
+        mem: vm.mem.clone(),
+        config: config.clone(),
+        com1: legacy.console.clone(),
+        i8042: legacy.i8042.clone(),
+        agent_port: legacy.agent_port.clone(),
+        pci_config: pci.as_ref().map(PciBus::config_io),
+        virtio: pci.as_ref().map(PciBus::virtio_devices).unwrap_or_default(),
+        refusal,
+    };
     let (handle, handle_requests) = crate::handle::channel().map_err(io_err("the VM handle"))?;
     Ok(Vmm {
+        snapshot: Some(snapshot),
         virtio_thread,
         pci,
         vcpus,
@@ -219,6 +244,34 @@ pub(crate) fn build(
         options_terminal: options.terminal,
         options_slice: options.scheduler_slice,
     })
+}
+
+/// Writes the ACPI tables of a freshly booting guest.
+fn write_acpi(
+    config: &VmConfig,
+    mem: &GuestMemoryMmap,
+    places: &[VcpuPlace],
+    numa: &NumaLayout,
+    pci: bool,
+    pci_intx: &[boot::mptable::PciIntx],
+    legacy: &LegacyDevices,
+) -> Result<(), Error> {
+    crate::acpi::write(
+        mem,
+        &crate::acpi::Machine {
+            cpus: places,
+            numa,
+            pci: pci.then_some(crate::acpi::PciRoot {
+                mmio64: (
+                    memory::layout::pci_mmio64_start(config.memory.size),
+                    memory::layout::PCI_MMIO64_SIZE,
+                ),
+                intx: pci_intx,
+            }),
+            com2: legacy.agent_port.is_some(),
+        },
+    )?;
+    Ok(())
 }
 
 /// The buses the vCPUs dispatch exits on.
@@ -338,7 +391,8 @@ fn prepare_memory(
     allowed: &[usize],
     software_kvm: bool,
     pci_intx: &[boot::mptable::PciIntx],
-) -> Result<(GuestMemoryMmap, BootImage), Error> {
+    restore: Option<&Checkpoint>,
+) -> Result<(GuestMemoryMmap, Option<BootImage>), Error> {
     let mem = memory::create_guest_memory(&config.memory, !config.shares.is_empty())?;
     // Before any page is touched: the policy decides where each page comes from.
     memory::numa::bind(&mem, numa, config.memory.hugepages)?;
@@ -346,6 +400,11 @@ fn prepare_memory(
         let affinity = config.cpus.affinity.as_deref();
         let parts = memory::numa::prefault_parts(&mem, numa, affinity, allowed, host_nodes)?;
         memory::prefault::prefault_parts(&parts, config.memory.hugepages.bytes())?;
+    }
+    if let Some(ck) = restore {
+        // The kernel, its tables and everything since are in the saved RAM.
+        ck.load_memory(&mem)?;
+        return Ok((mem, None));
     }
     let ram = config.memory.size;
     let cmdline = guest_cmdline(config, software_kvm);
@@ -364,7 +423,7 @@ fn prepare_memory(
     boot::params::write(&image, &mem, ram)?;
     boot::regs::write_tables(&mem, image.protocol)?;
     boot::mptable::write(&mem, places, pci_intx)?;
-    Ok((mem, image))
+    Ok((mem, Some(image)))
 }
 
 fn io_err(what: &'static str) -> impl FnOnce(std::io::Error) -> Error {
@@ -414,13 +473,28 @@ fn create_vcpus(
     config: &VmConfig,
     llc_sharing: Option<u32>,
     places: &[VcpuPlace],
-    image: &BootImage,
+    (image, saved): (Option<&BootImage>, Option<&[VcpuState]>),
     mem: &GuestMemoryMmap,
     buses: &Buses,
     shared: &Arc<VcpuShared>,
     software_kvm: bool,
 ) -> Result<Vec<Vcpu>, Error> {
     let msrs = msr::boot_msrs(&vm.msr_index);
+    let msr_index: Arc<[u32]> = vm.msr_index.clone().into();
+    let has_xcrs = vm.kvm.check_extension(kvm_ioctls::Cap::Xcrs);
+    let vcpu = |i: u32, fd, cpuid: &[kvm_bindings::kvm_cpuid_entry2]| Vcpu {
+        index: i,
+        fd,
+        host_cpu: config.cpus.affinity.as_ref().map(|a| a[i as usize]),
+        pio: buses.pio.clone(),
+        mmio: buses.mmio.clone(),
+        mem: mem.clone(),
+        shared: shared.clone(),
+        seccomp: config.seccomp,
+        msr_index: msr_index.clone(),
+        has_xcrs,
+        cpuid: cpuid.into(),
+    };
     let mut vcpus = Vec::with_capacity(places.len());
     for place in places {
         let i = place.index;
@@ -435,6 +509,14 @@ fn create_vcpus(
             .fd
             .create_vcpu(u64::from(place.apic_id))
             .map_err(setup("CREATE_VCPU"))?;
+        if let Some(state) = saved.and_then(|s| s.get(i as usize)) {
+            vcpu_state::restore(&fd, state).map_err(|error| CheckpointError::Kvm {
+                what: "restore",
+                error: format!("vCPU {i}: {error}"),
+            })?;
+            vcpus.push(vcpu(i, fd, &state.cpuid));
+            continue;
+        }
         let cpuid = cpuid::vcpu_cpuid(
             &vm.supported_cpuid,
             &config.cpus.topology,
@@ -451,19 +533,10 @@ fn create_vcpus(
             });
         }
         boot::regs::setup_lapic(&fd).map_err(setup("SET_LAPIC"))?;
-        if i == 0 {
+        if let (0, Some(image)) = (i, image) {
             boot::regs::setup_boot_vcpu(&fd, image).map_err(setup("SET_REGS"))?;
         }
-        vcpus.push(Vcpu {
-            index: i,
-            fd,
-            host_cpu: config.cpus.affinity.as_ref().map(|a| a[i as usize]),
-            pio: buses.pio.clone(),
-            mmio: buses.mmio.clone(),
-            mem: mem.clone(),
-            shared: shared.clone(),
-            seccomp: config.seccomp,
-        });
+        vcpus.push(vcpu(i, fd, cpuid.as_slice()));
     }
     Ok(vcpus)
 }

@@ -19,6 +19,9 @@ pub enum Error {
     /// Invalid option value.
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// A checkpoint could not be read or restored.
+    #[error(transparent)]
+    Checkpoint(#[from] crate::checkpoint::CheckpointError),
     /// Affinity names a CPU this process may not use.
     #[error(
         "--cpus affinity names host CPU {cpu}, which this process may not use (allowed: {allowed})"

@@ -40,6 +40,12 @@ pub const JOB_LOST: u8 = 170;
 pub const DISK: u8 = 171;
 /// A `--share` directory is missing, or virtiofsd is missing or did not start.
 pub const SHARE: u8 = 172;
+/// The VM was checkpointed on request (`checkpoint --stop`, `--checkpoint-on`) and
+/// stopped; `hpcvm restore` carries it on.
+pub const CHECKPOINTED: u8 = 173;
+/// A checkpoint to restore is missing, truncated, corrupt, of another format
+/// version, from a host with other CPU features, or does not fit its configuration.
+pub const CHECKPOINT: u8 = 174;
 
 /// Every code with its meaning, as documented in README.md.
 pub const TABLE: &[(u8, &str)] = &[
@@ -65,6 +71,15 @@ pub const TABLE: &[(u8, &str)] = &[
     (
         DISK,
         "disk or image unusable (missing, unreadable, in use, not ext4, truncated)",
+    ),
+    (
+        SHARE,
+        "shared directory unusable (missing, or virtiofsd missing or failed)",
+    ),
+    (CHECKPOINTED, "checkpointed on request and stopped"),
+    (
+        CHECKPOINT,
+        "checkpoint unusable (missing, truncated, corrupt, other version or CPU)",
     ),
 ];
 
@@ -93,6 +108,7 @@ pub fn for_outcome(outcome: &Outcome) -> u8 {
             GUEST_EXITED => JOB_LOST,
             code => code,
         },
+        Outcome::Checkpointed { .. } => CHECKPOINTED,
     }
 }
 
@@ -115,6 +131,7 @@ pub fn outcome_name(outcome: &Outcome) -> &'static str {
         Outcome::JobExited { .. } => "job-exited",
         Outcome::JobFailed(_) => "job-failed",
         Outcome::JobLost(_) => "job-lost",
+        Outcome::Checkpointed { .. } => "checkpointed",
     }
 }
 
@@ -147,6 +164,7 @@ pub fn for_error(err: &Error) -> u8 {
         Error::Io { .. } | Error::Acpi(_) => INTERNAL,
         Error::Seccomp(crate::seccomp::SeccompError::BadMode(_)) => CONFIG,
         Error::Seccomp(_) => INTERNAL,
+        Error::Checkpoint(_) => CHECKPOINT,
     }
 }
 

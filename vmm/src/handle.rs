@@ -66,6 +66,23 @@ impl VmHandle {
                 state: s.state,
                 grace_left_s: s.grace_left_s,
             }),
+            Answer::Checkpointed(_) => Err(HandleError::Refused("unexpected answer".into())),
+        }
+    }
+
+    /// Writes a checkpoint of the VM to `dir` (see docs/checkpoint.md), then lets
+    /// it run on, or with `stop` ends it ([`crate::Outcome::Checkpointed`]).
+    pub fn checkpoint(
+        &self,
+        dir: &std::path::Path,
+        stop: bool,
+    ) -> Result<crate::control::report::CheckpointReport, HandleError> {
+        match self.call(Command::Checkpoint {
+            dir: dir.to_path_buf(),
+            stop,
+        })? {
+            Answer::Checkpointed(r) => Ok(r),
+            _ => Err(HandleError::Refused("no checkpoint in the answer".into())),
         }
     }
 
@@ -73,7 +90,7 @@ impl VmHandle {
     pub fn status(&self) -> Result<Status, HandleError> {
         match self.call(Command::Status)? {
             Answer::Status(s) => Ok(s),
-            Answer::Changed(_) => Err(HandleError::Refused("no status in the answer".into())),
+            _ => Err(HandleError::Refused("no status in the answer".into())),
         }
     }
 

@@ -41,6 +41,7 @@
 //! together into a [`Vmm`]; `runner` runs it.
 
 // The embedding API: what a program that holds a VM needs.
+pub mod checkpoint;
 pub mod config;
 pub mod control;
 pub mod error;

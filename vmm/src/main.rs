@@ -25,6 +25,10 @@ enum Command {
     /// Boot a guest and run it until it stops, is shut down or destroyed; with
     /// `-- CMD`, run CMD in the default guest and exit with its status.
     Run(Box<RunArgs>),
+    /// Carry on a VM from a checkpoint (`hpcvm ctl checkpoint`): the job goes on
+    /// where it was, its output on this process's stdout, its exit status this
+    /// process's, as with `run` (see docs/checkpoint.md).
+    Restore(RestoreArgs),
     /// Send one request to a running hpcvm through its API socket and print the reply.
     ///
     /// Exit status: 0 the VMM answered ok, 1 it answered with an error, 2 usage error,
@@ -47,6 +51,18 @@ enum Command {
 struct RunArgs {
     #[command(flatten)]
     request: RunRequest,
+    /// Write how the VM ended as JSON (outcome, exit code, whether it is the job's).
+    #[arg(long, value_name = "PATH")]
+    status_file: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct RestoreArgs {
+    /// The checkpoint directory.
+    dir: PathBuf,
+    /// Where to create the API socket (the checkpointed VM's is not reused).
+    #[arg(long, value_name = "PATH")]
+    api_socket: Option<PathBuf>,
     /// Write how the VM ended as JSON (outcome, exit code, whether it is the job's).
     #[arg(long, value_name = "PATH")]
     status_file: Option<PathBuf>,
@@ -77,6 +93,14 @@ enum CtlRequest {
     Pause,
     /// Run paused vCPUs again.
     Resume,
+    /// Write a checkpoint of the VM to DIR, then let it run on (see docs/checkpoint.md).
+    Checkpoint {
+        /// The checkpoint directory (created if missing; a checkpoint in it is replaced).
+        dir: PathBuf,
+        /// Stop the VM once the checkpoint is written (exit status 173).
+        #[arg(long)]
+        stop: bool,
+    },
 }
 
 #[derive(Args)]
@@ -150,12 +174,45 @@ fn run(args: RunArgs) -> u8 {
             return report(e.code, None, &e.message);
         }
     };
-    match vmm::run(&cfg) {
+    let is_job = cfg.job.is_some();
+    finish(vmm::run(&cfg), is_job, report)
+}
+
+fn restore(args: RestoreArgs) -> u8 {
+    let status_file = args.status_file.clone();
+    let on_panic = status_file.clone();
+    vmm::fatal::on_panic(move |message| {
+        if let Some(p) = &on_panic {
+            exit_code::write_status(p, exit_code::INTERNAL, None, message);
+        }
+    });
+    if let Some(p) = &status_file {
+        vmm::seccomp::trap::set_status_file(p);
+    }
+    let report = |code: u8, outcome: Option<&Outcome>, message: &str| {
+        if let Some(p) = &status_file {
+            exit_code::write_status(p, code, outcome, message);
+        }
+        code
+    };
+    let result = vmm::Vmm::restore(&args.dir, args.api_socket, vmm::RunOptions::process())
+        .and_then(vmm::Vmm::run);
+    finish(result, true, report)
+}
+
+/// Reports how the VM ended (stderr unless it is the job's own status, and the
+/// status file through `report`) and returns the exit status.
+fn finish(
+    result: Result<Outcome, vmm::Error>,
+    is_job: bool,
+    report: impl Fn(u8, Option<&Outcome>, &str) -> u8,
+) -> u8 {
+    match result {
         Ok(outcome) => {
             let code = exit_code::for_outcome(&outcome);
             let message = outcome.to_string();
             let quiet = matches!(outcome, Outcome::JobExited { .. })
-                || (code == exit_code::GUEST_EXITED && cfg.job.is_none());
+                || (code == exit_code::GUEST_EXITED && !is_job);
             if !quiet {
                 eprintln!("hpcvm: {message}");
             }
@@ -175,6 +232,11 @@ fn ctl(args: CtlArgs) -> u8 {
         CtlRequest::Destroy => ApiCommand::Destroy,
         CtlRequest::Pause => ApiCommand::Pause,
         CtlRequest::Resume => ApiCommand::Resume,
+        // Relative to where `ctl` runs, not where the VMM does.
+        CtlRequest::Checkpoint { dir, stop } => ApiCommand::Checkpoint {
+            dir: std::path::absolute(&dir).unwrap_or(dir),
+            stop,
+        },
     };
     match client::call(&args.api_socket, &command) {
         Ok((line, ok)) => {
@@ -270,11 +332,12 @@ fn main() -> ExitCode {
             return ExitCode::from(exit_code::USAGE);
         }
     };
-    if !matches!(cli.command, Command::Run(_)) {
+    if !matches!(cli.command, Command::Run(_) | Command::Restore(_)) {
         let _ = vmm::control::signals::unblock_stop_signals();
     }
     ExitCode::from(match cli.command {
         Command::Run(args) => run(*args),
+        Command::Restore(args) => restore(args),
         Command::Ctl(args) => ctl(args),
         Command::Sriov(args) => sriov(args.action),
         Command::Doctor(args) => doctor(args),

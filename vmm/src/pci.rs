@@ -112,6 +112,7 @@ pub struct VirtioSlot {
 
 /// The bus and what must be undone at teardown.
 pub struct PciBus {
+    config_io: Arc<Mutex<PciConfigIo>>,
     devices: Vec<Arc<Mutex<VfioPciDevice>>>,
     virtio: Vec<Arc<Mutex<VirtioPciDevice>>>,
     dma: Vec<Arc<dyn DmaDomain>>,
@@ -130,13 +131,14 @@ impl PciBus {
         pio: &mut PioBus,
         mmio: &mut MmioBus,
     ) -> Result<Self, PciError> {
+        let root = Arc::new(Mutex::new(PciRoot::new()));
         let mut bus = Self {
+            config_io: Arc::new(Mutex::new(PciConfigIo::new(root.clone()))),
             devices: Vec::new(),
             virtio: Vec::new(),
             dma: Vec::new(),
             mem: mem.clone(),
         };
-        let root = Arc::new(Mutex::new(PciRoot::new()));
         let high_start = pci_mmio64_start(ram);
         let mut windows = Windows {
             low: AddressAllocator::new(PCI_MMIO32_START, PCI_MMIO32_SIZE).map_err(|_| {
@@ -196,11 +198,7 @@ impl PciBus {
             bus.virtio.push(dev.clone());
             lock(&root).add(dev);
         }
-        pio.insert(
-            CONFIG_IO_PORT,
-            8,
-            Arc::new(Mutex::new(PciConfigIo::new(root.clone()))),
-        )?;
+        pio.insert(CONFIG_IO_PORT, 8, bus.config_io.clone())?;
         mmio.insert(
             PCI_ECAM_START,
             PCI_ECAM_SIZE,
@@ -217,6 +215,11 @@ impl PciBus {
             )?;
         }
         Ok(bus)
+    }
+
+    /// The configuration port (0xcf8), whose latched address a checkpoint saves.
+    pub fn config_io(&self) -> Arc<Mutex<PciConfigIo>> {
+        self.config_io.clone()
     }
 
     /// The virtio devices, for the device thread.

@@ -68,6 +68,7 @@ pub(crate) struct VmAndMemory {
 /// (devices out of the guest first, the VM before its memory).
 pub struct Vmm {
     // Drop order: devices, vCPUs, buses, the VM, its memory, the socket, the rest.
+    pub(crate) snapshot: Option<crate::checkpoint::Snapshotter>,
     pub(crate) virtio_thread: Option<VirtioThread>,
     pub(crate) pci: Option<PciBus>,
     pub(crate) vcpus: Vec<Vcpu>,
@@ -105,7 +106,24 @@ impl std::fmt::Debug for Vmm {
 impl Vmm {
     /// Builds the VM `config` describes, up to its vCPUs.
     pub fn build(config: &VmConfig, options: RunOptions) -> Result<Self, Error> {
-        crate::builder::build(config, Vec::new(), options)
+        crate::builder::build(config, Vec::new(), options, None)
+    }
+
+    /// Rebuilds the VM checkpointed in `dir` (docs/checkpoint.md), ready to run on
+    /// from where it stopped; `api_socket` replaces the checkpointed one. Nothing is
+    /// started if the checkpoint is unusable or does not fit this host.
+    pub fn restore(
+        dir: &std::path::Path,
+        api_socket: Option<std::path::PathBuf>,
+        options: RunOptions,
+    ) -> Result<Self, Error> {
+        let ck = crate::checkpoint::Checkpoint::read(dir)?;
+        let mut config = ck.state.config.clone();
+        config.control.api_socket = api_socket;
+        if let Some(why) = crate::checkpoint::refusal(&config, 0) {
+            return Err(crate::checkpoint::CheckpointError::Refused(why).into());
+        }
+        crate::builder::build(&config, Vec::new(), options, Some(&ck))
     }
 
     /// [`Vmm::build`], with `extra` devices on the guest's PCI bus beside the
@@ -115,7 +133,7 @@ impl Vmm {
         extra: Vec<Passthrough>,
         options: RunOptions,
     ) -> Result<Self, Error> {
-        crate::builder::build(config, extra, options)
+        crate::builder::build(config, extra, options, None)
     }
 
     /// A handle on this VM; requests made before [`Vmm::run`] wait for it.
@@ -131,6 +149,7 @@ impl Vmm {
     /// file removed.
     pub fn run(self) -> Result<Outcome, Error> {
         let Vmm {
+            snapshot,
             mut virtio_thread,
             pci,
             vcpus,
@@ -182,6 +201,7 @@ impl Vmm {
             acpi: legacy.acpi.clone(),
             agent,
             panicked: legacy.panicked.clone(),
+            snapshot,
         };
         let controller = Rc::new(RefCell::new(Controller::new(
             running,

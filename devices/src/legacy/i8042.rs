@@ -57,6 +57,20 @@ impl I8042 {
         self.raise_irq();
     }
 
+    /// Keystrokes waiting for the guest (for a checkpoint).
+    pub fn state(&self) -> Vec<u8> {
+        self.out.iter().copied().collect()
+    }
+
+    /// Puts back keystrokes [`I8042::state`] saw waiting (at most the queue's size).
+    pub fn restore(&mut self, queued: &[u8]) {
+        let start = queued.len().saturating_sub(MAX_QUEUED);
+        self.out = queued[start..].iter().copied().collect();
+        if !self.out.is_empty() {
+            self.raise_irq();
+        }
+    }
+
     fn raise_irq(&self) {
         if let Some(irq) = &self.kbd_irq {
             // An irqfd write fails only if the counter overflows.

@@ -11,7 +11,8 @@
 use std::collections::VecDeque;
 use std::io::{self, Write};
 
-use vm_superio::serial::NoEvents;
+use serde::{Deserialize, Serialize};
+use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::Serial;
 
 use crate::bus::BusDevice;
@@ -130,6 +131,81 @@ impl Uart {
     pub fn flush(&mut self) -> io::Result<()> {
         self.uart.writer_mut().flush()
     }
+
+    /// Everything the guest could see of the UART: registers, both FIFOs' contents
+    /// and the input still queued behind the receive FIFO (for a checkpoint).
+    pub fn state(&self) -> UartState {
+        let s = self.uart.state();
+        UartState {
+            regs: [
+                s.baud_divisor_low,
+                s.baud_divisor_high,
+                s.interrupt_enable,
+                s.interrupt_identification,
+                s.line_control,
+                s.line_status,
+                s.modem_control,
+                s.modem_status,
+                s.scratch,
+            ],
+            fifo: s.in_buffer,
+            pending: self.pending.iter().copied().collect(),
+            ier: self.ier,
+            thre_held: self.thre_held,
+        }
+    }
+
+    /// Puts the UART back as [`Uart::state`] saw it, keeping its interrupt and
+    /// writer. Refuses a state no 16550 could be in (an overfull FIFO).
+    pub fn restore(&mut self, state: &UartState) -> io::Result<()> {
+        let [baud_divisor_low, baud_divisor_high, interrupt_enable, interrupt_identification, line_control, line_status, modem_control, modem_status, scratch] =
+            state.regs;
+        if state.fifo.len() > FIFO_SIZE || state.pending.len() > MAX_PENDING_INPUT {
+            return Err(io::Error::other(format!(
+                "UART state holds {} FIFO bytes (at most {FIFO_SIZE}) and {} queued",
+                state.fifo.len(),
+                state.pending.len()
+            )));
+        }
+        let s = SerialState {
+            baud_divisor_low,
+            baud_divisor_high,
+            interrupt_enable,
+            interrupt_identification,
+            line_control,
+            line_status,
+            modem_control,
+            modem_status,
+            scratch,
+            in_buffer: state.fifo.clone(),
+        };
+        let irq = self.uart.interrupt_evt().try_clone()?;
+        let old = std::mem::replace(
+            &mut self.uart,
+            Serial::new(irq.try_clone()?, Box::new(io::sink())),
+        );
+        self.uart = Serial::from_state(&s, irq, NoEvents, old.into_writer())
+            .map_err(|e| io::Error::other(format!("{e:?}")))?;
+        self.pending = state.pending.iter().copied().collect();
+        self.ier = state.ier;
+        self.thre_held = state.thre_held;
+        Ok(())
+    }
+}
+
+/// A [`Uart`]'s state in a checkpoint.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UartState {
+    /// DLL, DLM, IER, IIR, LCR, LSR, MCR, MSR, SCR as vm-superio keeps them.
+    pub regs: [u8; 9],
+    /// The receive FIFO.
+    pub fifo: Vec<u8>,
+    /// Host input waiting behind the FIFO.
+    pub pending: Vec<u8>,
+    /// IER as the guest wrote it.
+    pub ier: u8,
+    /// A transmitter-empty interrupt not yet reported.
+    pub thre_held: bool,
 }
 
 impl BusDevice for Uart {

@@ -57,7 +57,51 @@ pub struct MsixTable {
     control: u16,
 }
 
+/// An MSI-X table's contents in a checkpoint.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MsixState {
+    /// Each entry: address low, address high, data, vector control.
+    pub entries: Vec<[u32; 4]>,
+    /// Message control.
+    pub control: u16,
+}
+
 impl MsixTable {
+    /// The table as the guest programmed it, for a checkpoint.
+    pub fn state(&self) -> MsixState {
+        MsixState {
+            entries: self
+                .entries
+                .iter()
+                .map(|e| [e.addr_lo, e.addr_hi, e.data, e.ctrl])
+                .collect(),
+            control: self.control,
+        }
+    }
+
+    /// Puts back what [`MsixTable::state`] saved, for a table of the same size.
+    pub fn restore(&mut self, state: &MsixState) -> Result<(), String> {
+        if state.entries.len() != self.entries.len() {
+            return Err(format!(
+                "the MSI-X table had {} vectors, this one has {}",
+                state.entries.len(),
+                self.entries.len()
+            ));
+        }
+        for (e, &[addr_lo, addr_hi, data, ctrl]) in self.entries.iter_mut().zip(&state.entries) {
+            *e = Entry {
+                addr_lo,
+                addr_hi,
+                data,
+                ctrl,
+            };
+        }
+        // The table size bits are the device's; only enable and mask are the guest's.
+        let size_bits = self.control & !(CTRL_ENABLE | CTRL_FUNCTION_MASK);
+        self.control = size_bits | state.control & (CTRL_ENABLE | CTRL_FUNCTION_MASK);
+        Ok(())
+    }
+
     /// A table of `vectors` entries (1..=2048), all masked, MSI-X disabled.
     pub fn new(vectors: usize) -> Self {
         let vectors = vectors.clamp(1, 2048);

@@ -103,6 +103,16 @@ impl PciConfigIo {
         Self { root, address: 0 }
     }
 
+    /// The address latched at 0xcf8 (for a checkpoint).
+    pub fn address(&self) -> u32 {
+        self.address
+    }
+
+    /// Latches `address` as a guest write to 0xcf8 would.
+    pub fn set_address(&mut self, address: u32) {
+        self.address = address;
+    }
+
     /// (bus, device, function, register offset) selected by the address register, if
     /// its enable bit is set.
     fn target(&self, port_offset: u64) -> Option<(u8, u8, u8, usize)> {

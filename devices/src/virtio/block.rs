@@ -214,6 +214,23 @@ impl VirtioDevice for Block {
         read_config_bytes(&self.config, offset, data);
     }
 
+    fn state(&self) -> Result<super::DeviceState, String> {
+        Ok(super::DeviceState::Block {
+            sectors: self.sectors,
+        })
+    }
+
+    fn restore(&mut self, state: &super::DeviceState) -> Result<(), String> {
+        match state {
+            super::DeviceState::Block { sectors } if *sectors == self.sectors => Ok(()),
+            super::DeviceState::Block { sectors } => Err(format!(
+                "the disk had {sectors} sectors at the checkpoint and has {} now",
+                self.sectors
+            )),
+            other => Err(format!("a disk cannot take the state of {other:?}")),
+        }
+    }
+
     fn process(&mut self, index: usize, queues: &mut DeviceQueues<'_>) {
         queues.drain(index, |mem, chain| self.request(mem, Buffers::of(chain)));
     }

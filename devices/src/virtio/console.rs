@@ -404,6 +404,80 @@ impl VirtioDevice for Console {
     fn reset(&mut self) {
         self.outbox.clear();
     }
+
+    fn state(&self) -> Result<super::DeviceState, String> {
+        Ok(super::DeviceState::Console(ConsoleState {
+            ports: self.ports.iter().map(|p| p.name.clone()).collect(),
+            stats: self.stats.iter().map(|s| (s.bytes, s.dropped)).collect(),
+            outbox: self.outbox.iter().cloned().collect(),
+            input: self.input.as_ref().map(|i| InputState {
+                name: i.name.clone(),
+                pending: i.pending.iter().copied().collect(),
+                eof: i.eof,
+                closed: i.closed,
+                guest_open: i.guest_open,
+            }),
+        }))
+    }
+
+    fn restore(&mut self, state: &super::DeviceState) -> Result<(), String> {
+        let super::DeviceState::Console(s) = state else {
+            return Err(format!("a console cannot take the state of {state:?}"));
+        };
+        let names: Vec<&str> = self.ports.iter().map(|p| p.name.as_str()).collect();
+        let input = self.input.as_ref().map(|i| i.name.as_str());
+        if s.ports != names || s.input.as_ref().map(|i| i.name.as_str()) != input {
+            return Err(format!(
+                "the console had ports {:?} (input {:?}) at the checkpoint, not {names:?} \
+                 (input {input:?})",
+                s.ports,
+                s.input.as_ref().map(|i| &i.name)
+            ));
+        }
+        if s.stats.len() != self.stats.len() || s.outbox.len() > 4 * self.port_count() + 4 {
+            return Err("the console state does not fit its ports".into());
+        }
+        for (st, &(bytes, dropped)) in self.stats.iter_mut().zip(&s.stats) {
+            *st = PortStats { bytes, dropped };
+        }
+        self.outbox = s.outbox.iter().cloned().collect();
+        if let (Some(i), Some(saved)) = (self.input.as_mut(), &s.input) {
+            i.pending = saved.pending.iter().copied().collect();
+            i.eof = saved.eof;
+            i.closed = saved.closed;
+            i.guest_open = saved.guest_open;
+        }
+        Ok(())
+    }
+}
+
+/// The console's state in a checkpoint (the ports' host sides are the new
+/// process's stdout and stderr).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ConsoleState {
+    /// Output port names, in order.
+    pub ports: Vec<String>,
+    /// (bytes, dropped) of each output port.
+    pub stats: Vec<(u64, u64)>,
+    /// Control messages not yet taken by the driver.
+    pub outbox: Vec<Vec<u8>>,
+    /// The input port, if there is one.
+    pub input: Option<InputState>,
+}
+
+/// The input port's state in a checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct InputState {
+    /// Its name.
+    pub name: String,
+    /// Read from the host, not yet delivered.
+    pub pending: Vec<u8>,
+    /// The host side had ended.
+    pub eof: bool,
+    /// The port was closed towards the guest.
+    pub closed: bool,
+    /// The guest had the port open.
+    pub guest_open: bool,
 }
 
 #[cfg(test)]

@@ -14,7 +14,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 pub use block::{Block, BlockOptions};
-pub use console::{Console, ConsolePort, InputPort};
+pub use console::{Console, ConsolePort, ConsoleState, InputPort};
 
 /// Feature bits every hpcvm device offers (virtio 1.x, event-index suppression of
 /// notifications and interrupts, indirect descriptors).
@@ -151,6 +151,29 @@ pub trait VirtioDevice: Send {
     fn process(&mut self, index: usize, queues: &mut DeviceQueues<'_>);
     /// The driver reset the device: forget everything negotiated.
     fn reset(&mut self) {}
+    /// What the device model holds beyond its queues, for a checkpoint; Err says
+    /// why this device cannot be checkpointed.
+    fn state(&self) -> Result<DeviceState, String> {
+        Err("this device cannot be checkpointed".into())
+    }
+    /// Takes back what [`Self::state`] saved (in a device built from the same
+    /// configuration); Err says what does not match.
+    fn restore(&mut self, _state: &DeviceState) -> Result<(), String> {
+        Err("this device cannot be restored".into())
+    }
+}
+
+/// A device model's own state in a checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceState {
+    /// A disk: only its size, to notice a backing file that changed.
+    Block {
+        /// Capacity in sectors.
+        sectors: u64,
+    },
+    /// The console.
+    Console(console::ConsoleState),
 }
 
 /// Reads `data.len()` bytes at `offset` of a little-endian configuration `space`;

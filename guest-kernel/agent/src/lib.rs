@@ -189,6 +189,11 @@ impl Decoder {
         self.buf.extend_from_slice(bytes);
     }
 
+    /// Bytes received that do not make a whole frame yet.
+    pub fn pending(&self) -> &[u8] {
+        &self.buf
+    }
+
     /// The next complete frame, if one has arrived.
     pub fn next_frame(&mut self) -> Result<Option<(u8, Vec<u8>)>, FrameError> {
         if self.buf.len() < HEADER_LEN {

@@ -31,6 +31,13 @@ pub enum Command {
     Pause,
     /// Run paused vCPUs again.
     Resume,
+    /// Write a checkpoint to `dir`, then resume, or with `stop` end the VM.
+    Checkpoint {
+        /// The checkpoint directory (created if missing).
+        dir: std::path::PathBuf,
+        /// Stop the VM once the checkpoint is written.
+        stop: bool,
+    },
 }
 
 /// A parsed request: the client's id (echoed back) and the command.
@@ -85,23 +92,47 @@ pub fn parse_request(line: &[u8]) -> Result<Request, BadRequest> {
         "shutdown" => Command::Shutdown {
             timeout_s: parse_timeout(&obj).map_err(|e| bad(&id, e))?,
         },
+        "checkpoint" => parse_checkpoint(&obj).map_err(|e| bad(&id, e))?,
         other => {
             return Err(bad(
                 &id,
                 format!(
-                    "unknown command {:?} (expected status, shutdown, destroy, pause, resume)",
+                    "unknown command {:?} (expected status, shutdown, destroy, pause, resume, checkpoint)",
                     truncate(other, 64)
                 ),
             ))
         }
     };
-    if let Some(k) = obj
-        .keys()
-        .find(|k| !matches!(k.as_str(), "id" | "cmd" | "timeout_s"))
-    {
+    if let Some(k) = obj.keys().find(|k| !allowed_field(&command, k)) {
         return Err(bad(&id, format!("unknown field {:?}", truncate(k, 64))));
     }
     Ok(Request { id, command })
+}
+
+/// `key` may appear in a request for `command`.
+fn allowed_field(command: &Command, key: &str) -> bool {
+    matches!(
+        (command, key),
+        (_, "id" | "cmd")
+            | (Command::Shutdown { .. }, "timeout_s")
+            | (Command::Checkpoint { .. }, "dir" | "stop")
+    )
+}
+
+/// A checkpoint request's `dir` (a non-empty string) and `stop` (a boolean).
+fn parse_checkpoint(obj: &Map<String, Value>) -> Result<Command, String> {
+    let dir = match obj.get("dir") {
+        Some(Value::String(s)) if !s.is_empty() => std::path::PathBuf::from(s),
+        Some(Value::String(_)) => return Err("\"dir\" must not be empty".into()),
+        Some(other) => return Err(format!("\"dir\" must be a string, not {other}")),
+        None => return Err("checkpoint needs \"dir\"".into()),
+    };
+    let stop = match obj.get("stop") {
+        None => false,
+        Some(Value::Bool(b)) => *b,
+        Some(other) => return Err(format!("\"stop\" must be true or false, not {other}")),
+    };
+    Ok(Command::Checkpoint { dir, stop })
 }
 
 /// A JSON object read only to check that no key is repeated.
@@ -187,6 +218,9 @@ pub fn request_line(id: u64, command: &Command) -> Vec<u8> {
         Command::Pause => json!({"cmd": "pause"}),
         Command::Resume => json!({"cmd": "resume"}),
         Command::Shutdown { timeout_s } => json!({"cmd": "shutdown", "timeout_s": timeout_s}),
+        Command::Checkpoint { dir, stop } => {
+            json!({"cmd": "checkpoint", "dir": dir.to_string_lossy(), "stop": stop})
+        }
     };
     v["id"] = json!(id);
     line(v)
@@ -232,7 +266,7 @@ mod tests {
         assert_eq!(err(r#"{"cmd":5}"#), "\"cmd\" must be a string, not 5");
         assert_eq!(
             err(r#"{"cmd":"reboot"}"#),
-            "unknown command \"reboot\" (expected status, shutdown, destroy, pause, resume)"
+            "unknown command \"reboot\" (expected status, shutdown, destroy, pause, resume, checkpoint)"
         );
         assert_eq!(
             err(r#"{"cmd":"status","force":true}"#),
@@ -240,6 +274,13 @@ mod tests {
         );
         assert!(err(r#"{"cmd":"shutdown","timeout_s":-1}"#).contains("from 0 to 86400"));
         assert!(err(r#"{"cmd":"shutdown","timeout_s":"10"}"#).contains("must be a number"));
+        assert_eq!(err(r#"{"cmd":"checkpoint"}"#), "checkpoint needs \"dir\"");
+        assert!(err(r#"{"cmd":"checkpoint","dir":"/x","stop":1}"#).contains("true or false"));
+        assert!(err(r#"{"cmd":"checkpoint","dir":7}"#).contains("must be a string"));
+        assert_eq!(
+            err(r#"{"cmd":"status","dir":"/x"}"#),
+            "unknown field \"dir\""
+        );
         assert_eq!(
             err(r#"{"cmd":"status","cmd":"destroy"}"#),
             "field \"cmd\" given twice"
@@ -273,6 +314,10 @@ mod tests {
                 timeout_s: Some(3.0),
             },
             Command::Shutdown { timeout_s: None },
+            Command::Checkpoint {
+                dir: "/scratch/ck".into(),
+                stop: true,
+            },
         ] {
             let l = request_line(7, &c);
             let r = parse_request(&l[..l.len() - 1]).unwrap();

@@ -79,7 +79,7 @@ pub const APPLETS: &[&str] = &[
 ];
 
 /// One file to put in the initramfs.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct FileSpec {
     /// Path on the host (a file or a directory, copied recursively).
     pub host: PathBuf,

@@ -10,7 +10,7 @@ use super::ConfigError;
 pub const MAX_VCPUS: u32 = 254;
 
 /// Sockets x cores per socket x threads per core.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Topology {
     /// Packages.
     pub sockets: u32,
@@ -28,7 +28,7 @@ impl Topology {
 }
 
 /// The vCPU part of the configuration.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct CpusConfig {
     /// Number of vCPUs.
     pub count: u32,

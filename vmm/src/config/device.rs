@@ -5,7 +5,7 @@ use std::str::FromStr;
 use super::ConfigError;
 
 /// One `--device vfio=SPEC`: a host PCI function by BDF or sysfs path.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DeviceConfig {
     /// The BDF (`0000:3b:00.2`, `3b:00.2`) or sysfs path, as given.
     pub host: String,

@@ -11,7 +11,7 @@ pub const IMAGE_SERIAL: &str = "hpcvm-image";
 pub const MAX_SERIAL: usize = 20;
 
 /// One virtio-blk disk.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DiskConfig {
     /// Raw image file or host block device.
     pub path: PathBuf,

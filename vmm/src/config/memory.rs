@@ -8,7 +8,7 @@ pub const MIN_MEMORY: u64 = 16 << 20;
 pub const MAX_MEMORY: u64 = 1 << 46;
 
 /// Page size backing guest RAM.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum HugePageSize {
     /// Ordinary anonymous memory (THP only if the host's policy is `always`).
     None,
@@ -48,7 +48,7 @@ impl HugePageSize {
 }
 
 /// The memory part of the configuration.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct MemoryConfig {
     /// Guest RAM in bytes.
     pub size: u64,

@@ -102,7 +102,7 @@ fn on_off(key: &str, v: &str) -> Result<bool, String> {
 }
 
 /// The guest kernel and what it boots with.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct KernelConfig {
     /// ELF vmlinux (PVH or 64-bit entry) or bzImage.
     pub path: PathBuf,
@@ -125,7 +125,7 @@ impl KernelConfig {
 }
 
 /// How the VM is controlled from outside.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ControlConfig {
     /// Where to create the API socket, if anywhere.
     pub api_socket: Option<PathBuf>,
@@ -147,7 +147,7 @@ impl Default for ControlConfig {
 pub const DEFAULT_GRACE_PERIOD: Duration = Duration::from_secs(25);
 
 /// A command to run inside the guest through the guest agent (`hpcvm run -- CMD`).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct JobConfig {
     /// Program and arguments.
     pub argv: Vec<String>,
@@ -242,7 +242,7 @@ fn user_name(uid: u32) -> Option<String> {
 }
 
 /// Everything needed to build and run one VM.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct VmConfig {
     /// Guest kernel, initramfs and command line.
     pub kernel: KernelConfig,

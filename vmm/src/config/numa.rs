@@ -6,7 +6,7 @@ use super::ConfigError;
 pub const MAX_NODES: u32 = 64;
 
 /// How the guest's NUMA nodes are chosen.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub enum NumaConfig {
     /// One guest node per host node the pinned vCPUs run on, each node's RAM bound to
     /// its host node; one node (its RAM bound to the host node, if pinned) otherwise.

@@ -10,7 +10,7 @@ use super::{on_off, ConfigError};
 pub const CWD_TAG: &str = "hpcvm-cwd";
 
 /// One shared directory.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ShareConfig {
     /// The host directory.
     pub host_dir: PathBuf,

@@ -23,12 +23,15 @@ use vmm_sys_util::timerfd::TimerFd;
 use super::report::{Answer, MemoryStatus, StateChange, Status, VcpuStatus, VmState};
 use crate::api::server::Handler;
 use crate::api::Command;
+use crate::checkpoint::Snapshotter;
 use crate::config::MemoryConfig;
 use crate::vstate::vcpu::{VcpuHandle, VcpuShared};
 use crate::vstate::GuestExit;
 
 /// How long `pause` waits for every vCPU to leave the guest.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a checkpoint waits for the parked vCPUs to save their state.
+const CHECKPOINT_VCPU_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How the VM ended, as reported in hpcvm's exit status.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,6 +61,11 @@ pub enum Outcome {
     JobFailed(JobError),
     /// The guest stopped before the agent reported the job's status.
     JobLost(GuestExit),
+    /// Checkpointed on request, then stopped.
+    Checkpointed {
+        /// The checkpoint directory.
+        dir: std::path::PathBuf,
+    },
 }
 
 impl std::fmt::Display for Outcome {
@@ -83,6 +91,12 @@ impl std::fmt::Display for Outcome {
             Outcome::JobLost(e) => {
                 write!(f, "Guest stopped before the job reported its status ({e})")
             }
+            Outcome::Checkpointed { dir } => write!(
+                f,
+                "Checkpointed to {} and stopped (hpcvm restore {} carries it on)",
+                dir.display(),
+                dir.display()
+            ),
         }
     }
 }
@@ -110,6 +124,8 @@ pub struct RunningVm {
     pub agent: Option<(Arc<AgentLink>, Arc<Mutex<AgentPort>>)>,
     /// Set when the guest kernel announced a panic on its console.
     pub panicked: Arc<std::sync::atomic::AtomicBool>,
+    /// What a checkpoint saves beside the vCPUs.
+    pub snapshot: Option<Snapshotter>,
 }
 
 /// Drives the VM's lifecycle; the control loop's subscribers call into it.
@@ -121,6 +137,7 @@ pub struct Controller {
     acpi: Arc<Mutex<AcpiPlatform>>,
     agent: Option<(Arc<AgentLink>, Arc<Mutex<AgentPort>>)>,
     panicked: Arc<std::sync::atomic::AtomicBool>,
+    snapshot: Option<Snapshotter>,
     default_grace: Duration,
     grace_timer: TimerFd,
     state: State,
@@ -145,6 +162,7 @@ impl Controller {
             acpi: parts.acpi,
             agent: parts.agent,
             panicked: parts.panicked,
+            snapshot: parts.snapshot,
             default_grace,
             grace_timer,
             state: State::Running,
@@ -166,6 +184,9 @@ impl Controller {
 
     /// How it ended, and the vCPU threads to stop and join.
     pub fn finish(self) -> (Option<Outcome>, Vec<VcpuHandle>) {
+        // Parked vCPUs leave without entering the guest again: after a checkpoint
+        // that stops the VM, the guest must not run on past the saved state.
+        self.shared.request_stop();
         self.shared.resume();
         (self.outcome, self.vcpus)
     }
@@ -342,6 +363,54 @@ impl Controller {
         Ok(StateChange::to(VmState::Paused))
     }
 
+    /// Writes a checkpoint to `dir`: pauses the vCPUs (if running), saves the VM,
+    /// then resumes it, or with `stop` ends the VM as [`Outcome::Checkpointed`].
+    /// A failed checkpoint leaves the VM as it was.
+    pub fn checkpoint(&mut self, dir: &std::path::Path, stop: bool) -> Result<Answer, String> {
+        if self.is_done() {
+            return Err("the VM is already stopping".into());
+        }
+        if self.shutting_down() {
+            return Err("cannot checkpoint during a shutdown".into());
+        }
+        let Some(snapshot) = self.snapshot.as_ref() else {
+            return Err("this VM cannot be checkpointed".into());
+        };
+        snapshot.refused().map_err(|e| e.to_string())?;
+        let was_paused = self.state == State::Paused;
+        if !was_paused {
+            self.pause()?;
+        }
+        let n = self.vcpus.len();
+        let shared = self.shared.clone();
+        let written = self
+            .snapshot
+            .as_ref()
+            .expect("checked above")
+            .write(dir, || shared.save_parked(n, CHECKPOINT_VCPU_TIMEOUT));
+        let result = match written {
+            Ok(w) => {
+                if stop {
+                    self.outcome = Some(Outcome::Checkpointed {
+                        dir: dir.to_path_buf(),
+                    });
+                }
+                Ok(Answer::Checkpointed(super::report::CheckpointReport {
+                    dir: dir.display().to_string(),
+                    ram: w.ram,
+                    data: w.data,
+                    seconds: w.seconds,
+                    stopped: stop,
+                }))
+            }
+            Err(e) => Err(e.to_string()),
+        };
+        if !was_paused && self.outcome.is_none() {
+            self.resume()?;
+        }
+        result
+    }
+
     /// Lets paused vCPUs run again.
     pub fn resume(&mut self) -> Result<StateChange, String> {
         if self.state == State::Paused {
@@ -406,6 +475,7 @@ impl Controller {
             }
             Command::Pause => self.pause().map(Answer::Changed),
             Command::Resume => self.resume().map(Answer::Changed),
+            Command::Checkpoint { dir, stop } => self.checkpoint(dir, *stop),
         }
     }
 }

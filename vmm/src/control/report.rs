@@ -87,6 +87,23 @@ pub enum Answer {
     Status(Status),
     /// For the others.
     Changed(StateChange),
+    /// For `checkpoint`.
+    Checkpointed(CheckpointReport),
+}
+
+/// What a checkpoint wrote.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct CheckpointReport {
+    /// The directory.
+    pub dir: String,
+    /// Guest RAM, bytes.
+    pub ram: u64,
+    /// Bytes of RAM that were not zero, written to the memory file.
+    pub data: u64,
+    /// Seconds the VM was held for it (devices quiesced to state file synced).
+    pub seconds: f64,
+    /// The VM stops now.
+    pub stopped: bool,
 }
 
 impl Answer {
@@ -95,6 +112,7 @@ impl Answer {
         let v = match self {
             Answer::Status(s) => serde_json::to_value(s),
             Answer::Changed(c) => serde_json::to_value(c),
+            Answer::Checkpointed(c) => serde_json::to_value(c),
         };
         // Plain data with string keys: serialising it cannot fail.
         v.unwrap_or_default()

@@ -8,15 +8,16 @@
 //! * `virtio` (and `virtio-drain`): the device thread: rings, disk I/O, the console,
 //!   the vhost-user messages of a share whose virtiofsd ended.
 //! * `stdout`, `stderr`: the output pumps: write, and wait for more.
-//! * the control thread (`main`): the control loop, the API socket, signals, and the
+//! * the control thread (`main`): the control loop, the API socket, signals, checkpoints, and the
 //!   whole teardown (guest RAM, passthrough devices, virtiofsd, the socket file,
 //!   the status record); it starts the drain thread, which inherits its filter.
 
 use std::collections::BTreeMap;
 
 use kvm_bindings::{
-    kvm_ioeventfd, kvm_irq_level, kvm_irq_routing, kvm_irqfd, kvm_msi, kvm_regs, kvm_sregs,
-    kvm_translation, kvm_userspace_memory_region, KVMIO,
+    kvm_cpuid2, kvm_debugregs, kvm_ioeventfd, kvm_irq_level, kvm_irq_routing, kvm_irqfd,
+    kvm_lapic_state, kvm_mp_state, kvm_msi, kvm_msrs, kvm_regs, kvm_sregs, kvm_translation,
+    kvm_userspace_memory_region, kvm_vcpu_events, kvm_xcrs, kvm_xsave, KVMIO,
 };
 use seccompiler::{
     BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
@@ -56,6 +57,16 @@ ioctl_iowr_nr!(KVM_TRANSLATE, KVMIO, 0x85, kvm_translation);
 ioctl_ior_nr!(KVM_GET_REGS, KVMIO, 0x81, kvm_regs);
 ioctl_ior_nr!(KVM_GET_SREGS, KVMIO, 0x83, kvm_sregs);
 ioctl_iow_nr!(KVM_IRQ_LINE, KVMIO, 0x61, kvm_irq_level);
+// What a parked vCPU reads of itself for a checkpoint.
+ioctl_iowr_nr!(KVM_GET_MSRS, KVMIO, 0x88, kvm_msrs);
+ioctl_iowr_nr!(KVM_GET_CPUID2, KVMIO, 0x91, kvm_cpuid2);
+ioctl_ior_nr!(KVM_GET_LAPIC, KVMIO, 0x8e, kvm_lapic_state);
+ioctl_ior_nr!(KVM_GET_MP_STATE, KVMIO, 0x98, kvm_mp_state);
+ioctl_ior_nr!(KVM_GET_VCPU_EVENTS, KVMIO, 0x9f, kvm_vcpu_events);
+ioctl_ior_nr!(KVM_GET_DEBUGREGS, KVMIO, 0xa1, kvm_debugregs);
+ioctl_io_nr!(KVM_GET_TSC_KHZ, KVMIO, 0xa3);
+ioctl_ior_nr!(KVM_GET_XSAVE, KVMIO, 0xa4, kvm_xsave);
+ioctl_ior_nr!(KVM_GET_XCRS, KVMIO, 0xa6, kvm_xcrs);
 ioctl_iow_nr!(KVM_SET_GSI_ROUTING, KVMIO, 0x6a, kvm_irq_routing);
 ioctl_iow_nr!(KVM_IRQFD, KVMIO, 0x76, kvm_irqfd);
 ioctl_iow_nr!(KVM_IOEVENTFD, KVMIO, 0x79, kvm_ioeventfd);
@@ -167,6 +178,14 @@ const CONTROL: &[libc::c_long] = &[
     libc::SYS_prctl,
     libc::SYS_sched_getaffinity,
     libc::SYS_getuid,
+    // Writing a checkpoint (and reading MSI-X pending bits for it).
+    libc::SYS_poll,
+    libc::SYS_ppoll,
+    libc::SYS_mkdir,
+    libc::SYS_mkdirat,
+    libc::SYS_renameat,
+    libc::SYS_renameat2,
+    libc::SYS_rename,
 ];
 
 /// The ioctls a vCPU thread may make, by request number.
@@ -175,6 +194,15 @@ fn vcpu_ioctls() -> Vec<u64> {
         KVM_RUN(),
         KVM_GET_REGS(),
         KVM_GET_SREGS(),
+        KVM_GET_MSRS(),
+        KVM_GET_CPUID2(),
+        KVM_GET_LAPIC(),
+        KVM_GET_MP_STATE(),
+        KVM_GET_VCPU_EVENTS(),
+        KVM_GET_DEBUGREGS(),
+        KVM_GET_TSC_KHZ(),
+        KVM_GET_XSAVE(),
+        KVM_GET_XCRS(),
         // The instruction bytes of an emulation failure, on kernels that do not
         // report them.
         KVM_TRANSLATE(),

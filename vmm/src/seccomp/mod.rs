@@ -20,7 +20,7 @@ pub mod trap;
 pub use filters::Thread;
 
 /// What the filters do with a call they do not allow.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub enum SeccompMode {
     /// Trap it: hpcvm ends with the internal-error status, naming the call.
     #[default]

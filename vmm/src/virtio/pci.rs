@@ -6,6 +6,9 @@
 //! (config space, common configuration) is trapped.
 
 mod common;
+mod state;
+
+pub use state::{QueueSnapshot, VirtioPciState};
 
 use std::sync::{Arc, Mutex};
 

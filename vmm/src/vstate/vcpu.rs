@@ -20,6 +20,8 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
+use crate::checkpoint::vcpu::VcpuState;
+
 /// How the guest stopped.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum GuestExit {
@@ -126,6 +128,10 @@ pub struct VcpuShared {
 struct PauseState {
     requested: bool,
     parked: usize,
+    /// Bumped to ask every parked vCPU to save its state once more.
+    save_round: u64,
+    /// What each vCPU saved in the current round, by index.
+    saved: Vec<Option<Result<VcpuState, String>>>,
 }
 
 impl VcpuShared {
@@ -159,21 +165,62 @@ impl VcpuShared {
         guard.parked >= n
     }
 
+    /// Has every parked vCPU save its state (after completing its pending I/O) and
+    /// waits up to `timeout` for all `n`: their states by index, or why not.
+    pub fn save_parked(&self, n: usize, timeout: Duration) -> Result<Vec<VcpuState>, String> {
+        let mut s = self.pause_state();
+        if !s.requested || s.parked < n {
+            return Err("the vCPUs are not paused".into());
+        }
+        s.save_round += 1;
+        s.saved = (0..n).map(|_| None).collect();
+        self.pause_cond.notify_all();
+        let (mut s, _) = self
+            .pause_cond
+            .wait_timeout_while(s, timeout, |s| s.saved.iter().any(Option::is_none))
+            .unwrap_or_else(|p| p.into_inner());
+        let saved = std::mem::take(&mut s.saved);
+        saved
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| r.unwrap_or_else(|| Err(format!("vCPU {i} did not save its state"))))
+            .enumerate()
+            .map(|(i, r)| r.map_err(|e| format!("vCPU {i}: {e}")))
+            .collect()
+    }
+
     /// Lets parked vCPUs run again.
     pub fn resume(&self) {
         self.pause_state().requested = false;
         self.pause_cond.notify_all();
     }
 
-    /// Parks the calling vCPU while a pause is requested; false if it must stop instead.
-    fn park_if_paused(&self) -> bool {
+    /// Parks the calling vCPU `index` while a pause is requested, running `save`
+    /// whenever [`Self::save_parked`] asks; false if it must stop instead.
+    fn park_if_paused(
+        &self,
+        index: u32,
+        save: &mut dyn FnMut() -> Result<VcpuState, String>,
+    ) -> bool {
         let mut s = self.pause_state();
         if !s.requested {
             return true;
         }
         s.parked += 1;
+        let mut round = s.save_round;
         self.pause_cond.notify_all();
         while s.requested && !self.stop.load(Ordering::Acquire) {
+            if s.save_round != round {
+                round = s.save_round;
+                drop(s);
+                let state = save();
+                s = self.pause_state();
+                if let Some(slot) = s.saved.get_mut(index as usize) {
+                    *slot = Some(state);
+                }
+                self.pause_cond.notify_all();
+                continue;
+            }
             s = self.pause_cond.wait(s).unwrap_or_else(|p| p.into_inner());
         }
         s.parked -= 1;
@@ -181,7 +228,7 @@ impl VcpuShared {
     }
 
     /// Tells every vCPU to leave its loop (parked ones included).
-    fn request_stop(&self) {
+    pub fn request_stop(&self) {
         self.stop.store(true, Ordering::Release);
         let _guard = self.pause_state();
         self.pause_cond.notify_all();
@@ -266,6 +313,12 @@ pub struct Vcpu {
     pub shared: Arc<VcpuShared>,
     /// The seccomp filter it runs the guest under.
     pub seccomp: crate::seccomp::SeccompMode,
+    /// The MSRs a checkpoint saves (KVM's list).
+    pub msr_index: Arc<[u32]>,
+    /// The host has XCRs to save.
+    pub has_xcrs: bool,
+    /// The CPUID it was given, saved with it.
+    pub cpuid: Arc<[kvm_bindings::kvm_cpuid_entry2]>,
 }
 
 /// A running vCPU thread.
@@ -372,8 +425,11 @@ impl Vcpu {
     fn run_loop(&mut self) -> Option<GuestExit> {
         let vcpu = self.index;
         crate::fatal::inject("vcpu");
+        let shared = self.shared.clone();
         loop {
-            if self.shared.stop.load(Ordering::Acquire) || !self.shared.park_if_paused() {
+            if shared.stop.load(Ordering::Acquire)
+                || !shared.park_if_paused(vcpu, &mut || self.save_state())
+            {
                 return None;
             }
             match self.fd.run() {
@@ -425,6 +481,20 @@ impl Vcpu {
                 }
             }
         }
+    }
+
+    /// Completes the I/O of the last exit (KVM_RUN with `immediate_exit`, which
+    /// returns before entering the guest), then saves the vCPU's state.
+    fn save_state(&mut self) -> Result<VcpuState, String> {
+        self.fd.set_kvm_immediate_exit(1);
+        let done = match self.fd.run() {
+            Err(e) if e.errno() == libc::EINTR => Ok(()),
+            Err(e) => Err(format!("completing the last exit: {e}")),
+            Ok(exit) => Err(format!("completing the last exit: got {exit:?}")),
+        };
+        self.fd.set_kvm_immediate_exit(0);
+        done?;
+        crate::checkpoint::vcpu::save(&self.fd, &self.cpuid, &self.msr_index, self.has_xcrs)
     }
 
     fn internal_error(&mut self) -> GuestExit {
