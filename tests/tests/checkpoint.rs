@@ -1,0 +1,139 @@
+//! Real /dev/kvm, real guest: a job checkpointed mid-run with `hpcvm ctl checkpoint
+//! --stop` carries on under `hpcvm restore` (every tick of its output exactly once
+//! across the two processes, its exit status the restored one's), and damaged
+//! checkpoints are refused with a clear message and exit status 174.
+
+use std::time::Duration;
+
+use hpcvm_tests::proc::{ctl, run_hpcvm, socket_path, RunningVm};
+use hpcvm_tests::scratch::Scratch;
+
+/// Boot, job and exit together; generous for software KVM.
+const TIMEOUT: Duration = Duration::from_secs(240);
+
+/// A job printing `tick 0` .. `tick 11` a second apart, then exiting 7.
+const COUNTING_JOB: &str =
+    "i=0; while [ $i -lt 12 ]; do echo tick $i; i=$((i+1)); sleep 1; done; exit 7";
+
+/// Every line until the process exits.
+fn drain(vm: &mut RunningVm, lines: &mut Vec<String>) {
+    while let Some(l) = vm.next_line(Duration::from_millis(500)) {
+        lines.push(l);
+    }
+}
+
+#[test]
+fn a_checkpointed_job_carries_on_under_restore_and_bad_checkpoints_are_refused() {
+    let scratch = Scratch::new("checkpoint", "carry-on");
+    let dir = scratch.path("ck");
+    let sock = socket_path("checkpoint-carry-on");
+    let mut first = RunningVm::start(&[
+        "run",
+        "--no-share-cwd",
+        "--api-socket",
+        sock.to_str().unwrap(),
+        "--",
+        "sh",
+        "-c",
+        COUNTING_JOB,
+    ]);
+    let mut lines = Vec::new();
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while !lines.iter().any(|l: &String| l == "tick 2") {
+        assert!(std::time::Instant::now() < deadline, "no tick 2: {lines:?}");
+        if let Some(l) = first.next_line(Duration::from_secs(1)) {
+            lines.push(l);
+        }
+    }
+    let answer = ctl(&sock, &["checkpoint", dir.to_str().unwrap(), "--stop"]);
+    assert_eq!(answer.code, Some(0), "{}{}", answer.stdout, answer.stderr);
+    assert!(
+        answer.stdout.contains("\"stopped\":true"),
+        "{}",
+        answer.stdout
+    );
+    let (code, err, _) = first.wait_exit(Duration::from_secs(30));
+    assert_eq!(code, Some(173), "{err}");
+    assert!(err.contains("Checkpointed to"), "{err}");
+    drain(&mut first, &mut lines);
+    assert!(!sock.exists(), "the first VMM's socket is gone");
+    let ram = std::fs::metadata(dir.join("memory")).unwrap();
+    assert_eq!(ram.len(), 256 << 20);
+
+    // Damaged copies first (the good one is restored last).
+    let state = std::fs::read(dir.join("vm.state")).unwrap();
+    let bad = scratch.path("bad");
+    std::fs::create_dir_all(&bad).unwrap();
+    std::fs::copy(dir.join("memory"), bad.join("memory")).unwrap();
+    let refuse = |bytes: &[u8], needle: &str| {
+        std::fs::write(bad.join("vm.state"), bytes).unwrap();
+        let r = run_hpcvm(&["restore", bad.to_str().unwrap()], TIMEOUT);
+        assert_eq!(r.code, Some(174), "{needle}: {}", r.stderr);
+        assert!(r.stderr.contains(needle), "{needle}: {}", r.stderr);
+        assert!(!r.stderr.contains("panicked"), "{}", r.stderr);
+    };
+    let mut flipped = state.clone();
+    let mid = flipped.len() / 2;
+    flipped[mid] ^= 0x20;
+    refuse(&flipped, "is corrupt: its checksum does not match");
+    refuse(&state[..state.len() / 3], "is truncated or damaged");
+    let mut v9 = state.clone();
+    v9[8] = 9;
+    refuse(&v9, "format version 9; this hpcvm reads version 1");
+    // RAM that does not match its checksum: found before any vCPU runs.
+    let mem = std::fs::OpenOptions::new()
+        .write(true)
+        .open(bad.join("memory"))
+        .unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&mem, b"garbage", 1 << 20).unwrap();
+    refuse(&state, "guest RAM does not match its checksum");
+    mem.set_len(1 << 20).unwrap();
+    refuse(&state, "memory is truncated or damaged");
+    let missing = run_hpcvm(
+        &["restore", scratch.path("none").to_str().unwrap()],
+        TIMEOUT,
+    );
+    assert_eq!(missing.code, Some(174), "{}", missing.stderr);
+    assert!(
+        missing.stderr.contains("No checkpoint at"),
+        "{}",
+        missing.stderr
+    );
+
+    let mut second = RunningVm::start(&["restore", dir.to_str().unwrap()]);
+    let (code, err, _) = second.wait_exit(TIMEOUT);
+    drain(&mut second, &mut lines);
+    assert_eq!(code, Some(7), "the job's status: {err}");
+    let ticks: Vec<&String> = lines.iter().filter(|l| l.starts_with("tick ")).collect();
+    let want: Vec<String> = (0..12).map(|i| format!("tick {i}")).collect();
+    assert_eq!(
+        ticks.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
+        want.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
+        "every tick exactly once, in order, across the two processes"
+    );
+}
+
+#[test]
+fn a_vm_with_a_share_is_refused_and_runs_on() {
+    let sock = socket_path("checkpoint-share");
+    let scratch = Scratch::new("checkpoint", "share");
+    let mut vm = RunningVm::start(&[
+        "run",
+        "--api-socket",
+        sock.to_str().unwrap(),
+        "--",
+        "sh",
+        "-c",
+        "echo up; sleep 3; echo still-here; exit 3",
+    ]);
+    vm.wait_for_line("up", TIMEOUT);
+    let dir = scratch.path("ck");
+    let r = ctl(&sock, &["checkpoint", dir.to_str().unwrap()]);
+    assert_eq!(r.code, Some(1), "{}", r.stdout);
+    assert!(r.stdout.contains("virtio-fs shares"), "{}", r.stdout);
+    assert!(r.stdout.contains("--no-share-cwd"), "{}", r.stdout);
+    assert!(!dir.exists(), "nothing written");
+    vm.wait_for_line("still-here", Duration::from_secs(60));
+    let (code, err, _) = vm.wait_exit(Duration::from_secs(60));
+    assert_eq!(code, Some(3), "{err}");
+}
