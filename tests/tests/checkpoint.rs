@@ -137,3 +137,44 @@ fn a_vm_with_a_share_is_refused_and_runs_on() {
     let (code, err, _) = vm.wait_exit(Duration::from_secs(60));
     assert_eq!(code, Some(3), "{err}");
 }
+
+/// `--checkpoint-on` that could not work is refused before anything starts: an unknown
+/// signal, a VM with the default working-directory share, a missing --checkpoint-dir.
+#[test]
+fn checkpoint_on_that_cannot_work_is_refused_up_front() {
+    let scratch = Scratch::new("checkpoint", "on-refused");
+    let dir = scratch.path("ck");
+    let d = dir.to_str().unwrap();
+    let cases: [(&[&str], u8, &str); 3] = [
+        (
+            &[
+                "--no-share-cwd",
+                "--checkpoint-on",
+                "SIGKILL",
+                "--checkpoint-dir",
+                d,
+            ],
+            160,
+            "Invalid --checkpoint-on 'SIGKILL': must be one of SIGUSR1, SIGUSR2, SIGTERM",
+        ),
+        (
+            &["--checkpoint-on", "USR1", "--checkpoint-dir", d],
+            160,
+            "--checkpoint-on SIGUSR1: cannot checkpoint this VM: it has virtio-fs shares",
+        ),
+        (&["--checkpoint-on", "USR1"], 2, "--checkpoint-dir"),
+    ];
+    for (opts, code, needle) in cases {
+        let mut args = vec!["run"];
+        args.extend_from_slice(opts);
+        args.extend_from_slice(&["--", "true"]);
+        let r = run_hpcvm(&args, Duration::from_secs(30));
+        assert_eq!(r.code, Some(code.into()), "{opts:?}: {}", r.stderr);
+        assert!(r.stderr.contains(needle), "{opts:?}: {}", r.stderr);
+        assert!(
+            r.elapsed < Duration::from_secs(5),
+            "{opts:?} booted a guest"
+        );
+    }
+    assert!(!dir.exists(), "nothing written");
+}

@@ -4,7 +4,7 @@
 //! (`scancel`, an expired time limit: SIGCONT+SIGTERM, KillWait, SIGKILL) reaching the
 //! guest job as hpcvm's shutdown -> grace period -> destroy.
 //!
-//! Real guest boots take 20-40 s on a software-KVM host, so only three tests boot the
+//! Real guest boots take 20-40 s on a software-KVM host, so only four tests boot the
 //! real guest (`make guest`); the others use the tiny test guests. The tests share one
 //! cluster with two cores, so they run one at a time (a mutex), whatever
 //! `--test-threads` says. See tests/slurm/README.md; the harness is in
@@ -276,4 +276,92 @@ fn time_limit_reaches_the_guest_job_as_sigterm() {
         took < KILL_WAIT,
         "job took {took:?} to end after its time limit (KillWait {KILL_WAIT:?})"
     );
+}
+
+/// Checkpoint/restart under Slurm the way a site wires it (docs/checkpoint.md): a
+/// requeueable batch job runs `srun hpcvm run --checkpoint-on SIGUSR1 --checkpoint-dir D
+/// --resume-from D`, Slurm signals the step with SIGUSR1 once the guest's counter has
+/// reached 2 (`scancel --signal=USR1`, the delivery `sbatch --signal=USR1@T` uses),
+/// hpcvm checkpoints and stops with 173, the script requeues the job, and the requeued
+/// run resumes the VM from D: every tick appears exactly once in the (appended) job
+/// output, and the job ends with the guest job's status 7 after one restart. Real guest.
+#[test]
+fn sigusr1_checkpoints_and_the_requeued_job_resumes_the_vm() {
+    let (c, _serial) = cluster();
+    require_real_guest();
+    let ck = job_file(c, "requeue.ckpt");
+    let status = job_file(c, "requeue.status");
+    let _ = std::fs::remove_dir_all(&ck);
+    let _ = std::fs::remove_file(&status);
+    let body = format!(
+        "srun {hpcvm} run --from-allocation --no-share-cwd --status-file {status} \
+         --checkpoint-on SIGUSR1 --checkpoint-dir {ck} --resume-from {ck} -- \
+         /bin/sh -c 'i=0; while [ $i -lt 6 ]; do i=$((i+1)); echo tick $i; sleep 1; done; exit 7'\n\
+         rc=$?\n\
+         echo \"hpcvm exited $rc (restart ${{SLURM_RESTART_COUNT:-0}})\"\n\
+         if [ $rc = 173 ]; then scontrol requeue $SLURM_JOB_ID; fi\n\
+         exit $rc",
+        hpcvm = hpcvm_bin().display(),
+        status = status.display(),
+        ck = ck.display(),
+    );
+    let (id, out) = sbatch(
+        c,
+        &["-c", "2", "--mem=320M", "--requeue", "--open-mode=append"],
+        "requeue",
+        &body,
+    );
+    wait_file_line(&out, "tick 2", false, BOOT);
+    let mut cmd = slurm_cmd(c, "scancel");
+    cmd.args(["--signal=USR1", &id]);
+    run(cmd);
+    wait_file_line(
+        &out,
+        "hpcvm exited 173 (restart 0)",
+        false,
+        Duration::from_secs(60),
+    );
+    // A requeued job waits ~2 minutes (Reason=BeginTime) before it may start again.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while job_info(c, &id).get("JobState").map(String::as_str) != Some("PENDING") {
+        assert!(
+            Instant::now() < deadline,
+            "job {id} was not requeued:\n{}",
+            read(&out)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let mut cmd = slurm_cmd(c, "scontrol");
+    cmd.args(["update", &format!("JobId={id}"), "StartTime=now"]);
+    run(cmd);
+    wait_file_line(&out, "hpcvm exited 7 (restart 1)", false, BOOT);
+    wait_gone(c, &id, Duration::from_secs(30));
+
+    let text = read(&out);
+    for n in 1..=6 {
+        let seen = text.lines().filter(|l| *l == format!("tick {n}")).count();
+        assert_eq!(seen, 1, "tick {n} appears {seen} times:\n{text}");
+    }
+    assert!(
+        text.contains("hpcvm: resuming the VM checkpointed in"),
+        "{text}"
+    );
+    let json = read(&status);
+    assert!(
+        json.contains(r#""exit_code":7"#) && json.contains(r#""source":"job""#),
+        "hpcvm status: {json}\noutput:\n{text}"
+    );
+    let info = job_info(c, &id);
+    assert_eq!(
+        info.get("Restarts").map(String::as_str),
+        Some("1"),
+        "{info:?}"
+    );
+    assert_eq!(
+        info.get("ExitCode").map(String::as_str),
+        Some("7:0"),
+        "{info:?}"
+    );
+    assert_no_hpcvm_left(&marker());
+    let _ = std::fs::remove_dir_all(&ck);
 }

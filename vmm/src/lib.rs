@@ -86,7 +86,7 @@ pub use control::Outcome;
 pub use control::{Answer, StateChange, Status, VmState};
 pub use error::Error;
 pub use handle::{HandleError, VmHandle};
-pub use runner::{run, run_with, RunOptions, Vmm};
+pub use runner::{run, run_with, RestoreHost, RunOptions, Vmm};
 pub use stderr_log::log_to_stderr;
 pub use vstate::GuestExit;
 

@@ -54,6 +54,11 @@ struct RunArgs {
     /// Write how the VM ended as JSON (outcome, exit code, whether it is the job's).
     #[arg(long, value_name = "PATH")]
     status_file: Option<PathBuf>,
+    /// If DIR holds a checkpoint, carry that VM on instead of booting (a requeued
+    /// job); its vCPUs are pinned as this run's, and this run's --api-socket,
+    /// --grace-period and --checkpoint-on apply. Otherwise boot as usual.
+    #[arg(long, value_name = "DIR")]
+    resume_from: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -66,6 +71,8 @@ struct RestoreArgs {
     /// Write how the VM ended as JSON (outcome, exit code, whether it is the job's).
     #[arg(long, value_name = "PATH")]
     status_file: Option<PathBuf>,
+    #[command(flatten)]
+    checkpoint: vmm::config::request::CheckpointArgs,
 }
 
 #[derive(Args)]
@@ -175,6 +182,21 @@ fn run(args: RunArgs) -> u8 {
         }
     };
     let is_job = cfg.job.is_some();
+    if let Some(dir) = args
+        .resume_from
+        .filter(|d| vmm::checkpoint::Checkpoint::exists(d))
+    {
+        eprintln!("hpcvm: resuming the VM checkpointed in {}", dir.display());
+        let host = vmm::RestoreHost {
+            api_socket: cfg.control.api_socket,
+            grace_period: Some(cfg.control.grace_period),
+            checkpoint_on: cfg.control.checkpoint_on,
+            affinity: Some(cfg.cpus.affinity),
+        };
+        let result =
+            vmm::Vmm::restore(&dir, host, vmm::RunOptions::process()).and_then(vmm::Vmm::run);
+        return finish(result, true, report);
+    }
     finish(vmm::run(&cfg), is_job, report)
 }
 
@@ -195,8 +217,20 @@ fn restore(args: RestoreArgs) -> u8 {
         }
         code
     };
-    let result = vmm::Vmm::restore(&args.dir, args.api_socket, vmm::RunOptions::process())
-        .and_then(vmm::Vmm::run);
+    let checkpoint_on = match args.checkpoint.policy() {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("hpcvm: error: {}", e.message);
+            return report(e.code, None, &e.message);
+        }
+    };
+    let host = vmm::RestoreHost {
+        api_socket: args.api_socket,
+        checkpoint_on,
+        ..Default::default()
+    };
+    let result =
+        vmm::Vmm::restore(&args.dir, host, vmm::RunOptions::process()).and_then(vmm::Vmm::run);
     finish(result, true, report)
 }
 

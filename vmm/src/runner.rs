@@ -27,6 +27,49 @@ use crate::vstate::vcpu::{stop_all, StartGate, Vcpu, VcpuShared};
 use crate::vstate::{GuestExit, Vm};
 use crate::{host, Error};
 
+/// What a restored VM takes from where it is restored instead of from its
+/// checkpoint: the host-side settings, which the guest never sees.
+#[derive(Debug, Default, Clone)]
+pub struct RestoreHost {
+    /// The API socket (the checkpointed VM's is never reused).
+    pub api_socket: Option<std::path::PathBuf>,
+    /// The shutdown grace period; `None` keeps the checkpointed one.
+    pub grace_period: Option<std::time::Duration>,
+    /// Checkpoint again on a signal (`--checkpoint-on`); `None` turns it off.
+    pub checkpoint_on: Option<crate::config::CheckpointOn>,
+    /// `Some` replaces the checkpointed pinning (`Some(None)`: unpinned), e.g. with
+    /// a requeued job's new allocation, one host CPU per vCPU; `None` keeps it.
+    pub affinity: Option<Option<Vec<usize>>>,
+}
+
+impl RestoreHost {
+    fn apply(self, config: &mut crate::config::VmConfig) -> Result<(), Error> {
+        config.control.api_socket = self.api_socket;
+        config.control.checkpoint_on = self.checkpoint_on;
+        if let Some(g) = self.grace_period {
+            config.control.grace_period = g;
+        }
+        if let Some(aff) = self.affinity {
+            config.cpus.affinity = None;
+            let Some(aff) = aff else {
+                return Ok(());
+            };
+            let count = config.cpus.count as usize;
+            if aff.len() != count {
+                return Err(crate::checkpoint::CheckpointError::Mismatch(format!(
+                    "the checkpointed VM has {count} vCPUs and this run has {} host CPUs \
+                     to pin them to ({}); give it as many CPUs as when it was checkpointed",
+                    aff.len(),
+                    host::fmt_cpu_list(&aff)
+                ))
+                .into());
+            }
+            config.cpus.affinity = Some(aff);
+        }
+        Ok(())
+    }
+}
+
 /// What running a VM may change in the whole process.
 #[derive(Debug, Default)]
 pub struct RunOptions {
@@ -110,16 +153,17 @@ impl Vmm {
     }
 
     /// Rebuilds the VM checkpointed in `dir` (docs/checkpoint.md), ready to run on
-    /// from where it stopped; `api_socket` replaces the checkpointed one. Nothing is
-    /// started if the checkpoint is unusable or does not fit this host.
+    /// from where it stopped, with `host`'s settings in place of the checkpointed
+    /// ones. Nothing is started if the checkpoint is unusable or does not fit this
+    /// host.
     pub fn restore(
         dir: &std::path::Path,
-        api_socket: Option<std::path::PathBuf>,
+        host: RestoreHost,
         options: RunOptions,
     ) -> Result<Self, Error> {
         let ck = crate::checkpoint::Checkpoint::read(dir)?;
         let mut config = ck.state.config.clone();
-        config.control.api_socket = api_socket;
+        host.apply(&mut config)?;
         if let Some(why) = crate::checkpoint::refusal(&config, 0) {
             return Err(crate::checkpoint::CheckpointError::Refused(why).into());
         }
@@ -233,6 +277,7 @@ impl Vmm {
                         console: legacy.console.clone(),
                         terminal: options_terminal,
                         handles: Some(handle_requests),
+                        checkpoint_on: control_config.checkpoint_on.clone(),
                     },
                 )
             });

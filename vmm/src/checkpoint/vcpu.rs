@@ -140,11 +140,13 @@ const FEATURE_WORDS: &[(u32, u32, usize, &str)] = &[
     (0x8000_0001, 0, 3, "EDX"),
 ];
 
-/// Bits KVM reports as host state rather than CPU features (OSXSAVE follows CR4,
-/// the hypervisor bit and the x2APIC/TSC-deadline bits KVM emulates).
+/// Bits that are not the CPU's features: OSXSAVE follows CR4, the hypervisor bit and
+/// the x2APIC/TSC-deadline bits are KVM's, HTT is hpcvm's (set for a multi-vCPU
+/// topology).
 fn ignored(leaf: u32, reg: usize) -> u32 {
     match (leaf, reg) {
         (1, 2) => 1 << 27 | 1 << 31 | 1 << 21 | 1 << 24,
+        (1, 3) => 1 << 28,
         _ => 0,
     }
 }
@@ -196,5 +198,12 @@ mod tests {
         check_features(&[entry(0b0001)], &cpuid(0b1111)).unwrap();
         // The hypervisor bit is KVM's, not the CPU's.
         check_features(&[entry(1 << 31)], &cpuid(0)).unwrap();
+        // HTT says the topology has several logical CPUs; KVM never offers it.
+        let htt = kvm_cpuid_entry2 {
+            function: 1,
+            edx: 1 << 28,
+            ..Default::default()
+        };
+        check_features(&[htt], &cpuid(0)).unwrap();
     }
 }

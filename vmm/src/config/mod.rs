@@ -2,6 +2,7 @@
 //! command line's option strings. Parsing here is pure; checks against the host (allowed
 //! CPUs, hugepage pools, KVM limits) happen where the resource is built.
 
+pub mod checkpoint;
 pub mod cpus;
 pub mod device;
 pub mod disk;
@@ -13,6 +14,7 @@ pub mod share;
 use std::path::PathBuf;
 use std::time::Duration;
 
+pub use checkpoint::CheckpointOn;
 pub use cpus::{CpusConfig, Topology};
 pub use device::DeviceConfig;
 pub use disk::DiskConfig;
@@ -131,6 +133,9 @@ pub struct ControlConfig {
     pub api_socket: Option<PathBuf>,
     /// How long a shutdown waits for the guest before destroying it.
     pub grace_period: Duration,
+    /// Checkpoint and stop on a signal (`--checkpoint-on`).
+    #[serde(default)]
+    pub checkpoint_on: Option<CheckpointOn>,
 }
 
 impl Default for ControlConfig {
@@ -138,6 +143,7 @@ impl Default for ControlConfig {
         Self {
             api_socket: None,
             grace_period: DEFAULT_GRACE_PERIOD,
+            checkpoint_on: None,
         }
     }
 }

@@ -13,8 +13,8 @@ use clap::Args;
 use crate::allocation;
 use crate::assets;
 use crate::config::{
-    ControlConfig, CpusConfig, DiskConfig, JobConfig, KernelConfig, MemoryConfig, ShareConfig,
-    VmConfig, DEFAULT_GRACE_PERIOD,
+    CheckpointOn, ControlConfig, CpusConfig, DiskConfig, JobConfig, KernelConfig, MemoryConfig,
+    ShareConfig, VmConfig, DEFAULT_GRACE_PERIOD,
 };
 use crate::exit_code;
 
@@ -103,9 +103,37 @@ pub struct RunRequest {
     /// hpcvm with 166, naming it), log (allowed, logged by the kernel) or off.
     #[arg(long, value_name = "on|log|off", default_value = "on")]
     pub seccomp: crate::seccomp::SeccompMode,
+    #[command(flatten)]
+    pub checkpoint: CheckpointArgs,
     /// Command to run in the guest through the guest agent; hpcvm exits with its status.
     #[arg(last = true, value_name = "CMD")]
     pub command: Vec<String>,
+}
+
+/// `--checkpoint-on SIGNAL --checkpoint-dir DIR` (for `run` and `restore`).
+#[derive(Debug, Clone, Default, Args)]
+pub struct CheckpointArgs {
+    /// On this signal (SIGUSR1, SIGUSR2 or SIGTERM), write a checkpoint of the VM to
+    /// --checkpoint-dir and stop with exit status 173 (for `sbatch --signal=USR1@120
+    /// --requeue`; see docs/checkpoint.md). Needs --no-share-cwd and no --share/--device.
+    #[arg(long, value_name = "SIGNAL", requires = "checkpoint_dir")]
+    pub checkpoint_on: Option<String>,
+    /// Where --checkpoint-on writes the checkpoint (created if missing, replaced if there).
+    #[arg(long, value_name = "DIR", requires = "checkpoint_on")]
+    pub checkpoint_dir: Option<PathBuf>,
+}
+
+impl CheckpointArgs {
+    /// The checked policy, if one was asked for.
+    pub fn policy(&self) -> Result<Option<CheckpointOn>, CliError> {
+        let (Some(signal), Some(dir)) = (&self.checkpoint_on, &self.checkpoint_dir) else {
+            return Ok(None);
+        };
+        let signal = crate::config::checkpoint::parse_signal(signal)?;
+        let dir = std::path::absolute(dir)
+            .map_err(|e| format!("Invalid --checkpoint-dir '{}': {e}", dir.display()))?;
+        Ok(Some(CheckpointOn { signal, dir }))
+    }
 }
 
 /// Why the options cannot become a VM, with the exit status it gets.
@@ -140,6 +168,7 @@ impl RunRequest {
 }
 
 fn config_from(args: RunRequest) -> Result<VmConfig, CliError> {
+    let checkpoint_on = args.checkpoint.policy()?;
     if !(args.grace_period.is_finite() && (0.0..=86_400.0).contains(&args.grace_period)) {
         return Err(format!(
             "Invalid --grace-period '{}': must be from 0 to 86400 seconds",
@@ -258,6 +287,7 @@ fn config_from(args: RunRequest) -> Result<VmConfig, CliError> {
             control: ControlConfig {
                 api_socket: args.api_socket,
                 grace_period: Duration::from_secs_f64(args.grace_period),
+                checkpoint_on: checkpoint_on.clone(),
             },
             job,
             devices: args
@@ -276,7 +306,18 @@ fn config_from(args: RunRequest) -> Result<VmConfig, CliError> {
             seccomp: args.seccomp,
         })
     };
-    Ok(cfg().map_err(|e| e.to_string())?)
+    let cfg = cfg().map_err(|e| e.to_string())?;
+    if let Some(on) = &checkpoint_on {
+        // Found out now, not when the scheduler's signal comes and the job is lost.
+        if let Some(why) = crate::checkpoint::refusal(&cfg, cfg.devices.len()) {
+            return Err(format!(
+                "--checkpoint-on {}: cannot checkpoint this VM: {why}",
+                crate::config::checkpoint::signal_name(on.signal)
+            )
+            .into());
+        }
+    }
+    Ok(cfg)
 }
 
 /// The `--share` directories, tagged in order, then the working directory's share.

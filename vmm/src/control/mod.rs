@@ -21,6 +21,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::api::server::Handler;
 use crate::api::ApiSocket;
+use crate::config::CheckpointOn;
 use crate::Error;
 pub use lifecycle::{Controller, Outcome};
 pub use report::{Answer, MemoryStatus, StateChange, Status, VcpuStatus, VmState};
@@ -44,6 +45,8 @@ pub struct LoopInputs<'a> {
     pub api: Option<&'a ApiSocket>,
     /// COM1, for terminal input.
     pub console: Arc<Mutex<Uart>>,
+    /// Checkpoint and stop on this signal instead of its usual meaning.
+    pub checkpoint_on: Option<CheckpointOn>,
 }
 
 /// Wakes the controller for guest exits, resets, stop signals and the grace timer.
@@ -55,6 +58,26 @@ struct LifecycleEvents {
     signals: Option<StopSignals>,
     /// When the first stop signal arrived.
     first_stop: Option<Instant>,
+    checkpoint_on: Option<CheckpointOn>,
+}
+
+/// `--checkpoint-on`'s signal came: checkpoint and stop. Should that fail, the job
+/// runs on (SIGUSR1/2) or the signal keeps its meaning (SIGTERM: shut down).
+fn checkpoint_on_signal(ctl: &mut Controller, on: &CheckpointOn) -> bool {
+    let name = crate::config::checkpoint::signal_name(on.signal);
+    match ctl.checkpoint(&on.dir, true) {
+        Ok(answer) => {
+            log::info!("{name}: {}", answer.to_json());
+            true
+        }
+        Err(e) => {
+            eprintln!(
+                "hpcvm: {name}: checkpoint to {} failed: {e}",
+                on.dir.display()
+            );
+            false
+        }
+    }
 }
 
 impl MutEventSubscriber for LifecycleEvents {
@@ -85,6 +108,12 @@ impl MutEventSubscriber for LifecycleEvents {
             while let Some(sig) = signals.next() {
                 if signals::IGNORED_SIGNALS.contains(&sig) {
                     continue;
+                }
+                if let Some(on) = self.checkpoint_on.as_ref().filter(|on| on.signal == sig) {
+                    // A repeat (slurmd sends SIGTERM twice) once it is done is nothing.
+                    if ctl.is_done() || checkpoint_on_signal(&mut ctl, on) || sig != libc::SIGTERM {
+                        continue;
+                    }
                 }
                 if signals::FORWARDED_SIGNALS.contains(&sig) {
                     ctl.forward_signal(sig);
@@ -122,6 +151,7 @@ pub fn run(ctl: Rc<RefCell<Controller>>, inputs: LoopInputs<'_>) -> Result<(), E
         poweroff_evt: inputs.poweroff_evt,
         signals: inputs.signals,
         first_stop: None,
+        checkpoint_on: inputs.checkpoint_on,
     }));
     if let Some(api) = inputs.api {
         let handler: Rc<RefCell<dyn Handler>> = ctl.clone();
