@@ -8,7 +8,7 @@ use std::time::Instant;
 use devices::legacy::{Uart, I8042};
 use devices::lock;
 use devices::pci::PciConfigIo;
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use super::vcpu::VcpuState;
 use super::STATE_FILE;
@@ -60,6 +60,57 @@ impl Snapshotter {
         }
     }
 
+    /// Locks every virtio device: the device thread stops, and nothing but the vCPUs
+    /// writes guest RAM until the guards are dropped.
+    pub fn lock_devices(&self) -> Vec<MutexGuard<'_, VirtioPciDevice>> {
+        self.virtio.iter().map(|d| lock(d)).collect()
+    }
+
+    /// The paused VM's state with its devices locked: the queues are served once
+    /// more, so that nothing the guest queued is pending, then `save_vcpus` has the
+    /// parked vCPUs save themselves (interrupts the last pass raised are in their
+    /// LAPICs by then), then the machine and the devices. `memory` is left for the
+    /// caller (its size only).
+    pub fn capture(
+        &self,
+        devices: &mut [MutexGuard<'_, VirtioPciDevice>],
+        save_vcpus: impl FnOnce() -> Result<Vec<VcpuState>, String>,
+    ) -> Result<VmState, CheckpointError> {
+        for d in devices.iter_mut() {
+            for q in 0..d.queue_count() {
+                d.process(q);
+            }
+        }
+        let virtio = devices
+            .iter()
+            .map(|d| d.state())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(CheckpointError::Refused)?;
+        let vcpus = save_vcpus().map_err(|error| CheckpointError::Kvm {
+            what: "save",
+            error,
+        })?;
+        let machine = machine::save(&self.vm.fd)?;
+        let devices_state = DevicesState {
+            com1: lock(&self.com1).state(),
+            i8042: lock(&self.i8042).state(),
+            agent: self.agent_port.as_ref().map(|p| lock(p).state()),
+            pci_address: self.pci_config.as_ref().map(|c| lock(c).address()),
+            virtio,
+        };
+        Ok(VmState {
+            config: self.config.clone(),
+            vcpus,
+            machine,
+            devices: devices_state,
+            memory: ram::MemoryImage {
+                size: self.mem.iter().map(|r| r.len()).sum(),
+                data: 0,
+                crc: 0,
+            },
+        })
+    }
+
     /// Writes a checkpoint of the paused VM to `dir`. Every device is locked (the
     /// device thread stops) and its queues served once more, so that nothing the
     /// guest queued is pending; then `save_vcpus` has the parked vCPUs save
@@ -87,38 +138,10 @@ impl Snapshotter {
             _ => {}
         }
         let started = Instant::now();
-        let mut devices: Vec<MutexGuard<'_, VirtioPciDevice>> =
-            self.virtio.iter().map(|d| lock(d)).collect();
-        for d in &mut devices {
-            for q in 0..d.queue_count() {
-                d.process(q);
-            }
-        }
-        let virtio = devices
-            .iter()
-            .map(|d| d.state())
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(CheckpointError::Refused)?;
-        let vcpus = save_vcpus().map_err(|error| CheckpointError::Kvm {
-            what: "save",
-            error,
-        })?;
-        let machine = machine::save(&self.vm.fd)?;
-        let devices_state = DevicesState {
-            com1: lock(&self.com1).state(),
-            i8042: lock(&self.i8042).state(),
-            agent: self.agent_port.as_ref().map(|p| lock(p).state()),
-            pci_address: self.pci_config.as_ref().map(|c| lock(c).address()),
-            virtio,
-        };
+        let mut devices = self.lock_devices();
+        let mut state = self.capture(&mut devices, save_vcpus)?;
         let memory = ram::save(&self.mem, &dir.join(MEMORY_FILE))?;
-        let state = VmState {
-            config: self.config.clone(),
-            vcpus,
-            machine,
-            devices: devices_state,
-            memory,
-        };
+        state.memory = memory;
         let payload = serde_json::to_vec(&state).map_err(|e| CheckpointError::Kvm {
             what: "save",
             error: format!("encoding: {e}"),
