@@ -81,8 +81,9 @@ clean:
 
 # hpcvm under a real single-node Slurm on loopback (tests/slurm/): the test binary
 # installs slurm-wlm and munge if missing, starts the cluster, runs its jobs and stops
-# it again. About 2-3 minutes, most of it three real-guest boots and a 1-minute time
-# limit; then the MPI image in both Slurm modes (slurm_mpi), about 4 more.
+# it again. About 5-6 minutes, most of it four real-guest boots, a 1-minute time
+# limit and a requeued job's 2-minute hold; then the MPI image in both Slurm modes
+# (slurm_mpi), about 4 more.
 .PHONY: slurm-test
 slurm-test: deps virtiofsd guest image mpi-deps
 	$(CARGO) build -p vmm --bin hpcvm
