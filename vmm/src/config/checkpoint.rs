@@ -43,14 +43,6 @@ pub fn parse_signal(s: &str) -> Result<i32, String> {
         })
 }
 
-/// A signal's name, for messages.
-pub fn signal_name(signal: i32) -> &'static str {
-    SIGNALS
-        .iter()
-        .find(|(_, n)| *n == signal)
-        .map_or("signal", |(name, _)| name)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -67,6 +59,5 @@ mod tests {
             "{e}"
         );
         assert!(parse_signal("9").is_err());
-        assert_eq!(signal_name(libc::SIGUSR2), "SIGUSR2");
     }
 }

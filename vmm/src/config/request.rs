@@ -312,7 +312,7 @@ fn config_from(args: RunRequest) -> Result<VmConfig, CliError> {
         if let Some(why) = crate::checkpoint::refusal(&cfg, cfg.devices.len()) {
             return Err(format!(
                 "--checkpoint-on {}: cannot checkpoint this VM: {why}",
-                crate::config::checkpoint::signal_name(on.signal)
+                crate::control::signals::name(on.signal)
             )
             .into());
         }

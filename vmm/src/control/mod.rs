@@ -64,7 +64,7 @@ struct LifecycleEvents {
 /// `--checkpoint-on`'s signal came: checkpoint and stop. Should that fail, the job
 /// runs on (SIGUSR1/2) or the signal keeps its meaning (SIGTERM: shut down).
 fn checkpoint_on_signal(ctl: &mut Controller, on: &CheckpointOn) -> bool {
-    let name = crate::config::checkpoint::signal_name(on.signal);
+    let name = crate::control::signals::name(on.signal);
     match ctl.checkpoint(&on.dir, true) {
         Ok(answer) => {
             log::info!("{name}: {}", answer.to_json());
