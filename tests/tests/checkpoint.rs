@@ -1,7 +1,8 @@
 //! Real /dev/kvm, real guest: a job checkpointed mid-run with `hpcvm ctl checkpoint
 //! --stop` carries on under `hpcvm restore` (every tick of its output exactly once
-//! across the two processes, its exit status the restored one's), and damaged
-//! checkpoints are refused with a clear message and exit status 174.
+//! across the two processes, its exit status the restored one's, guest time not
+//! jumping by the time it was stopped), and damaged checkpoints are refused with a
+//! clear message and exit status 174.
 
 use std::time::Duration;
 
@@ -11,9 +12,24 @@ use hpcvm_tests::scratch::Scratch;
 /// Boot, job and exit together; generous for software KVM.
 const TIMEOUT: Duration = Duration::from_secs(240);
 
-/// A job printing `tick 0` .. `tick 11` a second apart, then exiting 7.
-const COUNTING_JOB: &str =
-    "i=0; while [ $i -lt 12 ]; do echo tick $i; i=$((i+1)); sleep 1; done; exit 7";
+/// A job printing `tick 0 UPTIME` .. `tick 11 UPTIME` a second apart, then exiting 7.
+const COUNTING_JOB: &str = "i=0; while [ $i -lt 12 ]; do echo tick $i $(cut -d' ' -f1 \
+     /proc/uptime); i=$((i+1)); sleep 1; done; exit 7";
+
+/// How long the checkpointed VM stays stopped: longer than the guest's RCU stall
+/// timeout (21 s), which a guest clock jumping by the stop would trip.
+const STOPPED: Duration = Duration::from_secs(30);
+
+/// The tick numbers and guest uptimes (seconds) in `lines`.
+fn ticks(lines: &[String]) -> Vec<(u32, f64)> {
+    lines
+        .iter()
+        .filter_map(|l| {
+            let mut w = l.strip_prefix("tick ")?.split(' ');
+            Some((w.next()?.parse().ok()?, w.next()?.parse().ok()?))
+        })
+        .collect()
+}
 
 /// Every line until the process exits.
 fn drain(vm: &mut RunningVm, lines: &mut Vec<String>) {
@@ -27,8 +43,11 @@ fn a_checkpointed_job_carries_on_under_restore_and_bad_checkpoints_are_refused()
     let scratch = Scratch::new("checkpoint", "carry-on");
     let dir = scratch.path("ck");
     let sock = socket_path("checkpoint-carry-on");
+    // Two vCPUs: the second one's state, and time across vCPUs, must survive too.
     let mut first = RunningVm::start(&[
         "run",
+        "--cpus",
+        "2",
         "--no-share-cwd",
         "--api-socket",
         sock.to_str().unwrap(),
@@ -39,7 +58,7 @@ fn a_checkpointed_job_carries_on_under_restore_and_bad_checkpoints_are_refused()
     ]);
     let mut lines = Vec::new();
     let deadline = std::time::Instant::now() + TIMEOUT;
-    while !lines.iter().any(|l: &String| l == "tick 2") {
+    while !lines.iter().any(|l: &String| l.starts_with("tick 2 ")) {
         assert!(std::time::Instant::now() < deadline, "no tick 2: {lines:?}");
         if let Some(l) = first.next_line(Duration::from_secs(1)) {
             lines.push(l);
@@ -53,6 +72,7 @@ fn a_checkpointed_job_carries_on_under_restore_and_bad_checkpoints_are_refused()
         answer.stdout
     );
     let (code, err, _) = first.wait_exit(Duration::from_secs(30));
+    let stopped_at = std::time::Instant::now();
     assert_eq!(code, Some(173), "{err}");
     assert!(err.contains("Checkpointed to"), "{err}");
     drain(&mut first, &mut lines);
@@ -100,16 +120,24 @@ fn a_checkpointed_job_carries_on_under_restore_and_bad_checkpoints_are_refused()
         missing.stderr
     );
 
+    std::thread::sleep(STOPPED.saturating_sub(stopped_at.elapsed()));
+    let before = ticks(&lines).len();
     let mut second = RunningVm::start(&["restore", dir.to_str().unwrap()]);
     let (code, err, _) = second.wait_exit(TIMEOUT);
     drain(&mut second, &mut lines);
     assert_eq!(code, Some(7), "the job's status: {err}");
-    let ticks: Vec<&String> = lines.iter().filter(|l| l.starts_with("tick ")).collect();
-    let want: Vec<String> = (0..12).map(|i| format!("tick {i}")).collect();
+    let ticks = ticks(&lines);
     assert_eq!(
-        ticks.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
-        want.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
-        "every tick exactly once, in order, across the two processes"
+        ticks.iter().map(|t| t.0).collect::<Vec<_>>(),
+        (0..12).collect::<Vec<_>>(),
+        "every tick exactly once, in order, across the two processes: {lines:?}"
+    );
+    // Guest time carries on: the uptime step across the restore is a tick's, not the
+    // 30 s the VM was stopped (a tick takes about 3 s of guest time on software KVM).
+    let step = ticks[before].1 - ticks[before - 1].1;
+    assert!(
+        (0.0..STOPPED.as_secs_f64() / 2.0).contains(&step),
+        "guest uptime moved {step:.2} s across a {STOPPED:?} stop: {lines:?}"
     );
 }
 

@@ -286,8 +286,6 @@ fn time_limit_reaches_the_guest_job_as_sigterm() {
 /// run resumes the VM from D: every tick appears exactly once in the (appended) job
 /// output, and the job ends with the guest job's status 7 after one restart. Real guest.
 #[test]
-#[ignore = "known bug (issue 13): some 2-vCPU checkpoints restore into a guest panic (163) \
-            or an emulation failure (164); 1-vCPU restores work (tests/tests/checkpoint.rs)"]
 fn sigusr1_checkpoints_and_the_requeued_job_resumes_the_vm() {
     let (c, _serial) = cluster();
     require_real_guest();

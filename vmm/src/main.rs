@@ -71,6 +71,9 @@ struct RestoreArgs {
     /// Write how the VM ended as JSON (outcome, exit code, whether it is the job's).
     #[arg(long, value_name = "PATH")]
     status_file: Option<PathBuf>,
+    /// Show the guest console (kernel messages) and agent diagnostics.
+    #[arg(long)]
+    verbose: bool,
     #[command(flatten)]
     checkpoint: vmm::config::request::CheckpointArgs,
 }
@@ -192,6 +195,7 @@ fn run(args: RunArgs) -> u8 {
             grace_period: Some(cfg.control.grace_period),
             checkpoint_on: cfg.control.checkpoint_on,
             affinity: Some(cfg.cpus.affinity),
+            verbose: cfg.verbose,
         };
         let result =
             vmm::Vmm::restore(&dir, host, vmm::RunOptions::process()).and_then(vmm::Vmm::run);
@@ -227,6 +231,7 @@ fn restore(args: RestoreArgs) -> u8 {
     let host = vmm::RestoreHost {
         api_socket: args.api_socket,
         checkpoint_on,
+        verbose: args.verbose,
         ..Default::default()
     };
     let result =

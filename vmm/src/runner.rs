@@ -40,12 +40,16 @@ pub struct RestoreHost {
     /// `Some` replaces the checkpointed pinning (`Some(None)`: unpinned), e.g. with
     /// a requeued job's new allocation, one host CPU per vCPU; `None` keeps it.
     pub affinity: Option<Option<Vec<usize>>>,
+    /// Show the guest console and agent diagnostics (`--verbose`), whatever the
+    /// checkpointed run did.
+    pub verbose: bool,
 }
 
 impl RestoreHost {
     fn apply(self, config: &mut crate::config::VmConfig) -> Result<(), Error> {
         config.control.api_socket = self.api_socket;
         config.control.checkpoint_on = self.checkpoint_on;
+        config.verbose = self.verbose;
         if let Some(g) = self.grace_period {
             config.control.grace_period = g;
         }

@@ -33,7 +33,13 @@ pub const SOFTWARE_KVM_HIDDEN_LEAF1_ECX: u32 =
 /// correctness: with them the kernel clears and copies pages with `rep stosb/movsb`,
 /// which the emulator executes a byte at a time (measured: a 2 MiB hugetlb fault took
 /// 1242 ms with them, 180 ms without). The kernel honours only the last `clearcpuid=`.
-pub const SOFTWARE_KVM_CMDLINE: &str = "noxsave clearcpuid=cx16,popcnt,smap,erms,fsrm,395";
+/// `clocksource=kvm-clock`: kvm_pvm ignores the VMM's writes of IA32_TSC (measured: a
+/// restored vCPU read back the host's TSC, not the saved one), so a guest timing itself
+/// with the TSC, which Linux prefers when it is invariant, would jump forward by the
+/// time a checkpointed VM was stopped (and a 2-vCPU guest then died of RCU stall
+/// NMIs); kvm-clock carries on from KVM_SET_CLOCK.
+pub const SOFTWARE_KVM_CMDLINE: &str =
+    "noxsave clearcpuid=cx16,popcnt,smap,erms,fsrm,395 clocksource=kvm-clock";
 /// On kvm_pvm, guest user mode sees the host's CPUID and XCR0, so glibc picks AVX
 /// string functions, but the guest kernel (booted `noxsave`) does not save AVX state
 /// across context switches: two processes on one vCPU corrupt each other's registers.
