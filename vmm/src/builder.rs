@@ -13,7 +13,7 @@ use crate::agent::{self, AgentLink};
 use crate::api::ApiSocket;
 use crate::boot::{self, initramfs, BootImage};
 use crate::checkpoint::vcpu::{self as vcpu_state, VcpuState};
-use crate::checkpoint::{self, Checkpoint, CheckpointError, Snapshotter};
+use crate::checkpoint::{self, Checkpoint, CheckpointError, Snapshotter, VmState};
 use crate::config::{CpusConfig, JobConfig, VmConfig};
 use crate::control::{self, signals::StopSignals};
 use crate::host;
@@ -31,6 +31,25 @@ use crate::Error;
 use devices::virtio::{Console, ConsolePort, InputPort};
 use devices::{MmioBus, PioBus};
 
+/// Where a VM's first state comes from.
+pub(crate) enum Restore<'a> {
+    /// None: the kernel boots.
+    Boot,
+    /// A checkpoint, read and checked.
+    Checkpoint(Checkpoint),
+    /// A live migration's stream: RAM first, then the rest.
+    Incoming(&'a mut crate::migration::receive::Incoming),
+}
+
+/// Refuses a state whose vCPUs used CPU features this host lacks.
+fn check_cpu(state: &VmState, vm: &Vm) -> Result<(), Error> {
+    for v in &state.vcpus {
+        vcpu_state::check_features(&v.cpuid, &vm.supported_cpuid)
+            .map_err(CheckpointError::CpuFeatures)?;
+    }
+    Ok(())
+}
+
 /// Builds the VM described by `config` with `extra` devices on its PCI bus beside
 /// the `--device` ones (devices an embedding program opened itself, or fakes in
 /// tests): everything up to the vCPUs, which [`Vmm::run`] starts. On an error
@@ -39,7 +58,7 @@ pub(crate) fn build(
     config: &VmConfig,
     extra: Vec<Passthrough>,
     options: RunOptions,
-    restore: Option<&Checkpoint>,
+    restore: Restore<'_>,
 ) -> Result<Vmm, Error> {
     // Passthrough devices are checked before anything is created.
     let host_devices = vfio::preflight(&HostPaths::real(), &config.devices, config.memory.size)?;
@@ -103,11 +122,9 @@ pub(crate) fn build(
     let places = places(&config.cpus.topology);
     let llc_sharing = memory::numa::llc_sharing(&numa, &places, &config.cpus.topology)?;
     let vm = Arc::new(Vm::new(config.cpus.count)?);
-    if let Some(ck) = restore {
-        for v in &ck.state.vcpus {
-            vcpu_state::check_features(&v.cpuid, &vm.supported_cpuid)
-                .map_err(CheckpointError::CpuFeatures)?;
-        }
+    if let Restore::Checkpoint(ck) = &restore {
+        // Before any RAM is taken (a migration's state comes after its RAM).
+        check_cpu(&ck.state, &vm)?;
     }
     // In-kernel devices on one thread, guest RAM and the kernel image on this one.
     let pci_intx = crate::pci::intx_routes(host_devices.devices.len() + extra.len());
@@ -125,7 +142,10 @@ pub(crate) fn build(
         (irqchip.join(), loaded)
     });
     irqchip.map_err(|_| io_err("the irqchip thread")(std::io::Error::other("panicked")))??;
-    let (mem, image) = loaded?;
+    let (mem, image, restore) = loaded?;
+    if let Some(state) = &restore {
+        check_cpu(state, &vm)?;
+    }
     // From here the VM maps guest RAM: `Vmm` drops the VM first.
     let vm = VmAndMemory { vm, mem };
     vm.vm.register_memory(&vm.mem)?;
@@ -160,8 +180,8 @@ pub(crate) fn build(
     };
     // Written once the buses exist: the tables describe what is on them (a
     // restored guest has them in its RAM already, with its devices' state).
-    if let Some(ck) = restore {
-        checkpoint::restore::devices(&ck.state.devices, &legacy, pci.as_ref())?;
+    if let Some(state) = &restore {
+        checkpoint::restore::devices(&state.devices, &legacy, pci.as_ref())?;
     } else {
         write_acpi(
             config,
@@ -197,14 +217,14 @@ pub(crate) fn build(
         config,
         llc_sharing,
         &places,
-        (image.as_ref(), restore.map(|ck| ck.state.vcpus.as_slice())),
+        (image.as_ref(), restore.as_ref().map(|s| s.vcpus.as_slice())),
         &vm.mem,
         &buses,
         &shared,
         software_kvm,
     )?;
-    if let Some(ck) = restore {
-        checkpoint::machine::restore(&vm.vm.fd, &ck.state.machine)?;
+    if let Some(state) = &restore {
+        checkpoint::machine::restore(&vm.vm.fd, &state.machine)?;
     }
     let snapshot = Snapshotter {
         vm: vm.vm.clone(),
@@ -391,8 +411,8 @@ fn prepare_memory(
     allowed: &[usize],
     software_kvm: bool,
     pci_intx: &[boot::mptable::PciIntx],
-    restore: Option<&Checkpoint>,
-) -> Result<(GuestMemoryMmap, Option<BootImage>), Error> {
+    restore: Restore<'_>,
+) -> Result<(GuestMemoryMmap, Option<BootImage>, Option<VmState>), Error> {
     let mem = memory::create_guest_memory(&config.memory, !config.shares.is_empty())?;
     // Before any page is touched: the policy decides where each page comes from.
     memory::numa::bind(&mem, numa, config.memory.hugepages)?;
@@ -401,10 +421,17 @@ fn prepare_memory(
         let parts = memory::numa::prefault_parts(&mem, numa, affinity, allowed, host_nodes)?;
         memory::prefault::prefault_parts(&parts, config.memory.hugepages.bytes())?;
     }
-    if let Some(ck) = restore {
-        // The kernel, its tables and everything since are in the saved RAM.
-        ck.load_memory(&mem)?;
-        return Ok((mem, None));
+    // The kernel, its tables and everything since are in the saved RAM.
+    match restore {
+        Restore::Checkpoint(ck) => {
+            ck.load_memory(&mem)?;
+            return Ok((mem, None, Some(ck.state)));
+        }
+        Restore::Incoming(incoming) => {
+            let state = incoming.receive_memory(&mem)?;
+            return Ok((mem, None, Some(state)));
+        }
+        Restore::Boot => {}
     }
     let ram = config.memory.size;
     let cmdline = guest_cmdline(config, software_kvm);
@@ -423,7 +450,7 @@ fn prepare_memory(
     boot::params::write(&image, &mem, ram)?;
     boot::regs::write_tables(&mem, image.protocol)?;
     boot::mptable::write(&mem, places, pci_intx)?;
-    Ok((mem, Some(image)))
+    Ok((mem, Some(image), None))
 }
 
 fn io_err(what: &'static str) -> impl FnOnce(std::io::Error) -> Error {

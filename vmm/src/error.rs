@@ -22,6 +22,9 @@ pub enum Error {
     /// A checkpoint could not be read or restored.
     #[error(transparent)]
     Checkpoint(#[from] crate::checkpoint::CheckpointError),
+    /// A live migration failed.
+    #[error(transparent)]
+    Migration(#[from] crate::migration::MigrationError),
     /// Affinity names a CPU this process may not use.
     #[error(
         "--cpus affinity names host CPU {cpu}, which this process may not use (allowed: {allowed})"

@@ -46,6 +46,11 @@ pub const CHECKPOINTED: u8 = 173;
 /// A checkpoint to restore is missing, truncated, corrupt, of another format
 /// version, from a host with other CPU features, or does not fit its configuration.
 pub const CHECKPOINT: u8 = 174;
+/// The VM was migrated to another hpcvm (`ctl migrate`), which runs it on.
+pub const MIGRATED: u8 = 175;
+/// `hpcvm receive` got no VM: bad address, a broken or damaged stream, a VM that
+/// does not fit this host, or the sender gave up (the VM runs on there).
+pub const MIGRATION: u8 = 176;
 
 /// Every code with its meaning, as documented in README.md.
 pub const TABLE: &[(u8, &str)] = &[
@@ -81,6 +86,11 @@ pub const TABLE: &[(u8, &str)] = &[
         CHECKPOINT,
         "checkpoint unusable (missing, truncated, corrupt, other version or CPU)",
     ),
+    (MIGRATED, "migrated to another hpcvm, which runs it on"),
+    (
+        MIGRATION,
+        "migration not received (address, stream, or a VM this host cannot run)",
+    ),
 ];
 
 /// Exit status for how the guest ended.
@@ -109,6 +119,7 @@ pub fn for_outcome(outcome: &Outcome) -> u8 {
             code => code,
         },
         Outcome::Checkpointed { .. } => CHECKPOINTED,
+        Outcome::Migrated { .. } => MIGRATED,
     }
 }
 
@@ -132,6 +143,7 @@ pub fn outcome_name(outcome: &Outcome) -> &'static str {
         Outcome::JobFailed(_) => "job-failed",
         Outcome::JobLost(_) => "job-lost",
         Outcome::Checkpointed { .. } => "checkpointed",
+        Outcome::Migrated { .. } => "migrated",
     }
 }
 
@@ -165,6 +177,7 @@ pub fn for_error(err: &Error) -> u8 {
         Error::Seccomp(crate::seccomp::SeccompError::BadMode(_)) => CONFIG,
         Error::Seccomp(_) => INTERNAL,
         Error::Checkpoint(_) => CHECKPOINT,
+        Error::Migration(_) => MIGRATION,
     }
 }
 

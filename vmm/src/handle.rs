@@ -66,7 +66,9 @@ impl VmHandle {
                 state: s.state,
                 grace_left_s: s.grace_left_s,
             }),
-            Answer::Checkpointed(_) => Err(HandleError::Refused("unexpected answer".into())),
+            Answer::Checkpointed(_) | Answer::Migrated(_) => {
+                Err(HandleError::Refused("unexpected answer".into()))
+            }
         }
     }
 
@@ -83,6 +85,19 @@ impl VmHandle {
         })? {
             Answer::Checkpointed(r) => Ok(r),
             _ => Err(HandleError::Refused("no checkpoint in the answer".into())),
+        }
+    }
+
+    /// Live-migrates the VM to the `hpcvm receive` listening at `to` (`unix:PATH` or
+    /// `tcp:HOST:PORT`; see docs/migration.md); on success the VM ends here
+    /// ([`crate::Outcome::Migrated`]), on failure it runs on here.
+    pub fn migrate(
+        &self,
+        to: &str,
+    ) -> Result<crate::control::report::MigrationReport, HandleError> {
+        match self.call(Command::Migrate { to: to.to_string() })? {
+            Answer::Migrated(r) => Ok(r),
+            _ => Err(HandleError::Refused("no migration in the answer".into())),
         }
     }
 

@@ -46,6 +46,7 @@ pub mod config;
 pub mod control;
 pub mod error;
 pub mod exit_code;
+pub mod migration;
 pub mod pci;
 pub mod seccomp;
 pub mod vfio;

@@ -29,6 +29,10 @@ enum Command {
     /// where it was, its output on this process's stdout, its exit status this
     /// process's, as with `run` (see docs/checkpoint.md).
     Restore(RestoreArgs),
+    /// Wait for a VM live-migrated from another hpcvm (`hpcvm ctl migrate`) and run
+    /// it on: the job carries on, its output on this process's stdout, its exit
+    /// status this process's (see docs/migration.md).
+    Receive(ReceiveArgs),
     /// Send one request to a running hpcvm through its API socket and print the reply.
     ///
     /// Exit status: 0 the VMM answered ok, 1 it answered with an error, 2 usage error,
@@ -79,6 +83,28 @@ struct RestoreArgs {
 }
 
 #[derive(Args)]
+struct ReceiveArgs {
+    /// Where to wait for the sender: unix:PATH or tcp:HOST:PORT (one sender).
+    #[arg(long, value_name = "ADDR")]
+    listen: String,
+    /// Where to create the API socket (the sender's is not reused).
+    #[arg(long, value_name = "PATH")]
+    api_socket: Option<PathBuf>,
+    /// Write how the VM ended as JSON (outcome, exit code, whether it is the job's).
+    #[arg(long, value_name = "PATH")]
+    status_file: Option<PathBuf>,
+    /// Pin vCPU i to the i-th host CPU of LIST (0-3, 2,5,7), one per vCPU; by
+    /// default the vCPUs are not pinned (the sender's CPUs are its host's).
+    #[arg(long, value_name = "LIST")]
+    affinity: Option<String>,
+    /// Show the guest console (kernel messages) and agent diagnostics.
+    #[arg(long)]
+    verbose: bool,
+    #[command(flatten)]
+    checkpoint: vmm::config::request::CheckpointArgs,
+}
+
+#[derive(Args)]
 struct CtlArgs {
     /// The running VMM's API socket.
     #[arg(long, value_name = "PATH")]
@@ -110,6 +136,13 @@ enum CtlRequest {
         /// Stop the VM once the checkpoint is written (exit status 173).
         #[arg(long)]
         stop: bool,
+    },
+    /// Live-migrate the VM to an `hpcvm receive` (unix:PATH or tcp:HOST:PORT); on
+    /// success this VMM exits with 175 and the receiver runs the VM on (see
+    /// docs/migration.md).
+    Migrate {
+        /// The receiver's --listen address.
+        to: String,
     },
 }
 
@@ -160,8 +193,10 @@ struct DoctorArgs {
     memory: Option<MemoryConfig>,
 }
 
-fn run(args: RunArgs) -> u8 {
-    let status_file = args.status_file.clone();
+/// Sets up the reporting of a command that runs a VM: a panic or a seccomp kill
+/// writes `status_file` too; the function returned records an ending there and
+/// gives back its exit status.
+fn reporting(status_file: Option<PathBuf>) -> impl Fn(u8, Option<&Outcome>, &str) -> u8 {
     let on_panic = status_file.clone();
     vmm::fatal::on_panic(move |message| {
         if let Some(p) = &on_panic {
@@ -171,12 +206,16 @@ fn run(args: RunArgs) -> u8 {
     if let Some(p) = &status_file {
         vmm::seccomp::trap::set_status_file(p);
     }
-    let report = |code: u8, outcome: Option<&Outcome>, message: &str| {
+    move |code, outcome, message| {
         if let Some(p) = &status_file {
             exit_code::write_status(p, code, outcome, message);
         }
         code
-    };
+    }
+}
+
+fn run(args: RunArgs) -> u8 {
+    let report = reporting(args.status_file.clone());
     let cfg = match args.request.into_config() {
         Ok(c) => c,
         Err(e) => {
@@ -205,22 +244,7 @@ fn run(args: RunArgs) -> u8 {
 }
 
 fn restore(args: RestoreArgs) -> u8 {
-    let status_file = args.status_file.clone();
-    let on_panic = status_file.clone();
-    vmm::fatal::on_panic(move |message| {
-        if let Some(p) = &on_panic {
-            exit_code::write_status(p, exit_code::INTERNAL, None, message);
-        }
-    });
-    if let Some(p) = &status_file {
-        vmm::seccomp::trap::set_status_file(p);
-    }
-    let report = |code: u8, outcome: Option<&Outcome>, message: &str| {
-        if let Some(p) = &status_file {
-            exit_code::write_status(p, code, outcome, message);
-        }
-        code
-    };
+    let report = reporting(args.status_file.clone());
     let checkpoint_on = match args.checkpoint.policy() {
         Ok(p) => p,
         Err(e) => {
@@ -237,6 +261,41 @@ fn restore(args: RestoreArgs) -> u8 {
     let result =
         vmm::Vmm::restore(&args.dir, host, vmm::RunOptions::process()).and_then(vmm::Vmm::run);
     finish(result, true, report)
+}
+
+fn receive(args: ReceiveArgs) -> u8 {
+    let report = reporting(args.status_file.clone());
+    let fail = |code: u8, message: String| {
+        eprintln!("hpcvm: error: {message}");
+        report(code, None, &message)
+    };
+    let checkpoint_on = match args.checkpoint.policy() {
+        Ok(p) => p,
+        Err(e) => return fail(e.code, e.message),
+    };
+    let affinity = match args.affinity.as_deref().map(vmm::config::parse_cpu_list) {
+        None => None,
+        Some(Ok(list)) => Some(list),
+        Some(Err(e)) => return fail(exit_code::CONFIG, format!("Invalid --affinity: {e}")),
+    };
+    let host = vmm::RestoreHost {
+        api_socket: args.api_socket,
+        checkpoint_on,
+        affinity: Some(affinity),
+        verbose: args.verbose,
+        ..Default::default()
+    };
+    let listener = match vmm::migration::Address::parse(&args.listen).and_then(|a| a.listen()) {
+        Ok(l) => l,
+        Err(e) => {
+            let e = vmm::Error::from(e);
+            return fail(exit_code::for_error(&e), e.to_string());
+        }
+    };
+    eprintln!("hpcvm: waiting for a migration on {}", listener.local());
+    let result = vmm::Vmm::receive(&listener, host, vmm::RunOptions::process());
+    drop(listener);
+    finish(result.and_then(vmm::Vmm::run), true, report)
 }
 
 /// Reports how the VM ended (stderr unless it is the job's own status, and the
@@ -276,6 +335,7 @@ fn ctl(args: CtlArgs) -> u8 {
             dir: std::path::absolute(&dir).unwrap_or(dir),
             stop,
         },
+        CtlRequest::Migrate { to } => ApiCommand::Migrate { to },
     };
     match client::call(&args.api_socket, &command) {
         Ok((line, ok)) => {
@@ -371,12 +431,16 @@ fn main() -> ExitCode {
             return ExitCode::from(exit_code::USAGE);
         }
     };
-    if !matches!(cli.command, Command::Run(_) | Command::Restore(_)) {
+    if !matches!(
+        cli.command,
+        Command::Run(_) | Command::Restore(_) | Command::Receive(_)
+    ) {
         let _ = vmm::control::signals::unblock_stop_signals();
     }
     ExitCode::from(match cli.command {
         Command::Run(args) => run(*args),
         Command::Restore(args) => restore(args),
+        Command::Receive(args) => receive(args),
         Command::Ctl(args) => ctl(args),
         Command::Sriov(args) => sriov(args.action),
         Command::Doctor(args) => doctor(args),

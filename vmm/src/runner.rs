@@ -13,7 +13,7 @@ use vmm_sys_util::timerfd::TimerFd;
 
 use crate::agent::{AgentLink, AgentPort};
 use crate::api::ApiSocket;
-use crate::builder::Buses;
+use crate::builder::{Buses, Restore};
 use crate::config::{ControlConfig, MemoryConfig, VmConfig};
 use crate::control::lifecycle::RunningVm;
 use crate::control::{self, signals::StopSignals, Controller, LoopInputs, Outcome};
@@ -153,7 +153,7 @@ impl std::fmt::Debug for Vmm {
 impl Vmm {
     /// Builds the VM `config` describes, up to its vCPUs.
     pub fn build(config: &VmConfig, options: RunOptions) -> Result<Self, Error> {
-        crate::builder::build(config, Vec::new(), options, None)
+        crate::builder::build(config, Vec::new(), options, Restore::Boot)
     }
 
     /// Rebuilds the VM checkpointed in `dir` (docs/checkpoint.md), ready to run on
@@ -171,7 +171,52 @@ impl Vmm {
         if let Some(why) = crate::checkpoint::refusal(&config, 0) {
             return Err(crate::checkpoint::CheckpointError::Refused(why).into());
         }
-        crate::builder::build(&config, Vec::new(), options, Some(&ck))
+        crate::builder::build(&config, Vec::new(), options, Restore::Checkpoint(ck))
+    }
+
+    /// Waits on `listener` for one `hpcvm ctl migrate`, builds the VM it sends with
+    /// `host`'s settings in place of the sender's, fills its RAM and restores its
+    /// state from the stream, then tells the sender to let go: the VM is ready to
+    /// run on here (docs/migration.md). A failure on either side before that leaves
+    /// the VM running on the sender, and nothing of it here.
+    pub fn receive(
+        listener: &crate::migration::address::Listener,
+        host: RestoreHost,
+        options: RunOptions,
+    ) -> Result<Self, Error> {
+        let io = |what| move |source| Error::Io { what, source };
+        let signals = match options.signals {
+            true => {
+                control::signals::block_stop_signals().map_err(io("blocking SIGTERM/SIGINT"))?;
+                Some(StopSignals::new().map_err(io("the signalfd"))?)
+            }
+            false => None,
+        };
+        let conn = listener.accept(signals.as_ref())?;
+        drop(signals);
+        let mut incoming = crate::migration::receive::Incoming::start(conn)?;
+        let mut config = incoming.config.clone();
+        let built = host.apply(&mut config).and_then(|()| {
+            if let Some(why) = crate::checkpoint::refusal(&config, 0) {
+                return Err(crate::checkpoint::CheckpointError::Refused(why).into());
+            }
+            crate::builder::build(
+                &config,
+                Vec::new(),
+                options,
+                Restore::Incoming(&mut incoming),
+            )
+        });
+        match built {
+            Ok(vmm) => {
+                incoming.ready()?;
+                Ok(vmm)
+            }
+            Err(e) => {
+                incoming.fail(&e.to_string());
+                Err(e)
+            }
+        }
     }
 
     /// [`Vmm::build`], with `extra` devices on the guest's PCI bus beside the
@@ -181,7 +226,7 @@ impl Vmm {
         extra: Vec<Passthrough>,
         options: RunOptions,
     ) -> Result<Self, Error> {
-        crate::builder::build(config, extra, options, None)
+        crate::builder::build(config, extra, options, Restore::Boot)
     }
 
     /// A handle on this VM; requests made before [`Vmm::run`] wait for it.

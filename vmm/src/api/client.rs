@@ -11,6 +11,8 @@ use super::protocol::{request_line, Command};
 
 /// How long to wait for the VMM's answer.
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long to wait for the answer to `migrate`.
+pub const MIGRATE_REPLY_TIMEOUT: Duration = Duration::from_secs(3600);
 
 /// Sends `command` to the VMM at `socket`; returns the response line and whether it
 /// says `"ok": true`.
@@ -21,7 +23,12 @@ pub fn call(socket: &Path, command: &Command) -> io::Result<(String, bool)> {
             format!("cannot connect to the API socket {}: {e}", socket.display()),
         )
     })?;
-    s.set_read_timeout(Some(REPLY_TIMEOUT))?;
+    // A migration answers when it is done: each of its steps times out itself.
+    let timeout = match command {
+        Command::Migrate { .. } => MIGRATE_REPLY_TIMEOUT,
+        _ => REPLY_TIMEOUT,
+    };
+    s.set_read_timeout(Some(timeout))?;
     exchange(&mut s, command)
 }
 

@@ -38,6 +38,11 @@ pub enum Command {
         /// Stop the VM once the checkpoint is written.
         stop: bool,
     },
+    /// Live-migrate the VM to the `hpcvm receive` at `to`.
+    Migrate {
+        /// `unix:PATH` or `tcp:HOST:PORT`.
+        to: String,
+    },
 }
 
 /// A parsed request: the client's id (echoed back) and the command.
@@ -93,11 +98,19 @@ pub fn parse_request(line: &[u8]) -> Result<Request, BadRequest> {
             timeout_s: parse_timeout(&obj).map_err(|e| bad(&id, e))?,
         },
         "checkpoint" => parse_checkpoint(&obj).map_err(|e| bad(&id, e))?,
+        "migrate" => match obj.get("to") {
+            Some(Value::String(s)) if !s.is_empty() => Command::Migrate { to: s.clone() },
+            Some(Value::String(_)) => return Err(bad(&id, "\"to\" must not be empty".into())),
+            Some(other) => {
+                return Err(bad(&id, format!("\"to\" must be a string, not {other}")))
+            }
+            None => return Err(bad(&id, "migrate needs \"to\"".into())),
+        },
         other => {
             return Err(bad(
                 &id,
                 format!(
-                    "unknown command {:?} (expected status, shutdown, destroy, pause, resume, checkpoint)",
+                    "unknown command {:?} (expected status, shutdown, destroy, pause, resume, checkpoint, migrate)",
                     truncate(other, 64)
                 ),
             ))
@@ -116,6 +129,7 @@ fn allowed_field(command: &Command, key: &str) -> bool {
         (_, "id" | "cmd")
             | (Command::Shutdown { .. }, "timeout_s")
             | (Command::Checkpoint { .. }, "dir" | "stop")
+            | (Command::Migrate { .. }, "to")
     )
 }
 
@@ -221,6 +235,7 @@ pub fn request_line(id: u64, command: &Command) -> Vec<u8> {
         Command::Checkpoint { dir, stop } => {
             json!({"cmd": "checkpoint", "dir": dir.to_string_lossy(), "stop": stop})
         }
+        Command::Migrate { to } => json!({"cmd": "migrate", "to": to}),
     };
     v["id"] = json!(id);
     line(v)
@@ -266,7 +281,7 @@ mod tests {
         assert_eq!(err(r#"{"cmd":5}"#), "\"cmd\" must be a string, not 5");
         assert_eq!(
             err(r#"{"cmd":"reboot"}"#),
-            "unknown command \"reboot\" (expected status, shutdown, destroy, pause, resume, checkpoint)"
+            "unknown command \"reboot\" (expected status, shutdown, destroy, pause, resume, checkpoint, migrate)"
         );
         assert_eq!(
             err(r#"{"cmd":"status","force":true}"#),
@@ -277,6 +292,12 @@ mod tests {
         assert_eq!(err(r#"{"cmd":"checkpoint"}"#), "checkpoint needs \"dir\"");
         assert!(err(r#"{"cmd":"checkpoint","dir":"/x","stop":1}"#).contains("true or false"));
         assert!(err(r#"{"cmd":"checkpoint","dir":7}"#).contains("must be a string"));
+        assert_eq!(err(r#"{"cmd":"migrate"}"#), "migrate needs \"to\"");
+        assert!(err(r#"{"cmd":"migrate","to":3}"#).contains("must be a string"));
+        assert_eq!(
+            err(r#"{"cmd":"migrate","to":"unix:/m","dir":"/x"}"#),
+            "unknown field \"dir\""
+        );
         assert_eq!(
             err(r#"{"cmd":"status","dir":"/x"}"#),
             "unknown field \"dir\""
@@ -317,6 +338,9 @@ mod tests {
             Command::Checkpoint {
                 dir: "/scratch/ck".into(),
                 stop: true,
+            },
+            Command::Migrate {
+                to: "tcp:node7:4444".into(),
             },
         ] {
             let l = request_line(7, &c);

@@ -66,17 +66,20 @@ impl Snapshotter {
         self.virtio.iter().map(|d| lock(d)).collect()
     }
 
-    /// The paused VM's state with its devices locked: the queues are served once
-    /// more, so that nothing the guest queued is pending, then `save_vcpus` has the
-    /// parked vCPUs save themselves (interrupts the last pass raised are in their
-    /// LAPICs by then), then the machine and the devices. `memory` is left for the
-    /// caller (its size only).
+    /// The paused VM's state with its devices locked: with `drain`, the queues are
+    /// served once more, so that nothing the guest queued is pending (a migration
+    /// does not: that would write RAM behind KVM's dirty log; the restored devices
+    /// look at their queues once instead), then `save_vcpus` has the parked vCPUs
+    /// save themselves (interrupts the last pass raised are in their LAPICs by
+    /// then), then the machine and the devices. `memory` is left for the caller
+    /// (its size only).
     pub fn capture(
         &self,
         devices: &mut [MutexGuard<'_, VirtioPciDevice>],
+        drain: bool,
         save_vcpus: impl FnOnce() -> Result<Vec<VcpuState>, String>,
     ) -> Result<VmState, CheckpointError> {
-        for d in devices.iter_mut() {
+        for d in devices.iter_mut().filter(|_| drain) {
             for q in 0..d.queue_count() {
                 d.process(q);
             }
@@ -139,7 +142,7 @@ impl Snapshotter {
         }
         let started = Instant::now();
         let mut devices = self.lock_devices();
-        let mut state = self.capture(&mut devices, save_vcpus)?;
+        let mut state = self.capture(&mut devices, true, save_vcpus)?;
         let memory = ram::save(&self.mem, &dir.join(MEMORY_FILE))?;
         state.memory = memory;
         let payload = serde_json::to_vec(&state).map_err(|e| CheckpointError::Kvm {

@@ -187,7 +187,7 @@ pub fn refusal(config: &VmConfig, passthrough: usize) -> Option<String> {
     if passthrough > 0 {
         return Some(
             "it has passthrough (VFIO) devices, whose state cannot be saved; run it \
-             without --device to checkpoint it"
+             without --device to checkpoint or migrate it"
                 .into(),
         );
     }
@@ -195,7 +195,7 @@ pub fn refusal(config: &VmConfig, passthrough: usize) -> Option<String> {
         return Some(
             "it has virtio-fs shares (--share, or the working directory), whose \
              virtiofsd state cannot be saved yet; run it with --no-share-cwd and no \
-             --share to checkpoint it"
+             --share to checkpoint or migrate it"
                 .into(),
         );
     }

@@ -15,7 +15,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 pub use checkpoint::CheckpointOn;
-pub use cpus::{CpusConfig, Topology};
+pub use cpus::{parse_cpu_list, CpusConfig, Topology};
 pub use device::DeviceConfig;
 pub use disk::DiskConfig;
 pub use memory::{HugePageSize, MemoryConfig};

@@ -31,7 +31,7 @@ use crate::vstate::GuestExit;
 /// How long `pause` waits for every vCPU to leave the guest.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a checkpoint waits for the parked vCPUs to save their state.
-const CHECKPOINT_VCPU_TIMEOUT: Duration = Duration::from_secs(10);
+pub(super) const CHECKPOINT_VCPU_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How the VM ended, as reported in hpcvm's exit status.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,6 +66,11 @@ pub enum Outcome {
         /// The checkpoint directory.
         dir: std::path::PathBuf,
     },
+    /// Migrated to another hpcvm, which runs it on.
+    Migrated {
+        /// Where it went.
+        to: String,
+    },
 }
 
 impl std::fmt::Display for Outcome {
@@ -97,6 +102,7 @@ impl std::fmt::Display for Outcome {
                 dir.display(),
                 dir.display()
             ),
+            Outcome::Migrated { to } => write!(f, "Migrated to {to}, which runs the VM on"),
         }
     }
 }
@@ -130,18 +136,18 @@ pub struct RunningVm {
 
 /// Drives the VM's lifecycle; the control loop's subscribers call into it.
 pub struct Controller {
-    shared: Arc<VcpuShared>,
-    vcpus: Vec<VcpuHandle>,
+    pub(super) shared: Arc<VcpuShared>,
+    pub(super) vcpus: Vec<VcpuHandle>,
     apic_ids: Vec<u32>,
     i8042: Arc<Mutex<I8042>>,
     acpi: Arc<Mutex<AcpiPlatform>>,
     agent: Option<(Arc<AgentLink>, Arc<Mutex<AgentPort>>)>,
     panicked: Arc<std::sync::atomic::AtomicBool>,
-    snapshot: Option<Snapshotter>,
+    pub(super) snapshot: Option<Snapshotter>,
     default_grace: Duration,
     grace_timer: TimerFd,
     state: State,
-    outcome: Option<Outcome>,
+    pub(super) outcome: Option<Outcome>,
     started: Instant,
     memory: MemoryConfig,
 }
@@ -363,6 +369,11 @@ impl Controller {
         Ok(StateChange::to(VmState::Paused))
     }
 
+    /// True while the vCPUs are paused.
+    pub fn paused(&self) -> bool {
+        self.state == State::Paused
+    }
+
     /// Writes a checkpoint to `dir`: pauses the vCPUs (if running), saves the VM,
     /// then resumes it, or with `stop` ends the VM as [`Outcome::Checkpointed`].
     /// A failed checkpoint leaves the VM as it was.
@@ -476,6 +487,7 @@ impl Controller {
             Command::Pause => self.pause().map(Answer::Changed),
             Command::Resume => self.resume().map(Answer::Changed),
             Command::Checkpoint { dir, stop } => self.checkpoint(dir, *stop),
+            Command::Migrate { to } => self.migrate(to),
         }
     }
 }

@@ -5,6 +5,7 @@
 
 pub mod console;
 pub mod lifecycle;
+pub mod migrate;
 pub mod report;
 pub mod signals;
 

@@ -89,6 +89,27 @@ pub enum Answer {
     Changed(StateChange),
     /// For `checkpoint`.
     Checkpointed(CheckpointReport),
+    /// For `migrate`.
+    Migrated(MigrationReport),
+}
+
+/// What a live migration moved, and how long it took.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct MigrationReport {
+    /// Where the VM went.
+    pub to: String,
+    /// Guest RAM, bytes.
+    pub ram: u64,
+    /// Page bytes sent in all.
+    pub sent: u64,
+    /// Passes over RAM while the guest ran.
+    pub passes: u32,
+    /// Page bytes sent with the guest paused.
+    pub sent_paused: u64,
+    /// Seconds from the request to GO.
+    pub total_s: f64,
+    /// Seconds the guest was paused before GO (the receiver resumes it at once).
+    pub downtime_s: f64,
 }
 
 /// What a checkpoint wrote.
@@ -113,6 +134,7 @@ impl Answer {
             Answer::Status(s) => serde_json::to_value(s),
             Answer::Changed(c) => serde_json::to_value(c),
             Answer::Checkpointed(c) => serde_json::to_value(c),
+            Answer::Migrated(m) => serde_json::to_value(m),
         };
         // Plain data with string keys: serialising it cannot fail.
         v.unwrap_or_default()

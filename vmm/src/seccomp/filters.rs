@@ -186,6 +186,10 @@ const CONTROL: &[libc::c_long] = &[
     libc::SYS_renameat,
     libc::SYS_renameat2,
     libc::SYS_rename,
+    // Live migration: connecting to the receiver.
+    libc::SYS_socket,
+    libc::SYS_connect,
+    libc::SYS_setsockopt,
 ];
 
 /// The ioctls a vCPU thread may make, by request number.

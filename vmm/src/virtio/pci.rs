@@ -234,6 +234,13 @@ impl VirtioPciDevice {
         self.active
     }
 
+    /// The VM went on in another process (a live migration): this copy of the
+    /// device serves its queues and input no more, so that nothing the guest queued
+    /// is done twice.
+    pub fn hand_over(&mut self) {
+        self.active = false;
+    }
+
     /// Runs the device model on queue `index`, if the device is active.
     pub fn process(&mut self, index: usize) {
         if !self.active || self.dev.serves_own_queues() {

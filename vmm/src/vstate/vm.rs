@@ -2,7 +2,7 @@
 
 use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES,
-    KVM_PIT_SPEAKER_DUMMY,
+    KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Cap, IoEventAddress, Kvm, NoDatamatch, VmFd};
 use thiserror::Error;
@@ -161,10 +161,29 @@ impl Vm {
 
     /// Gives KVM every guest RAM region, one memory slot each.
     pub fn register_memory(&self, mem: &GuestMemoryMmap) -> Result<(), VmError> {
+        self.set_ram_slots(mem, 0)
+    }
+
+    /// Turns KVM's dirty-page log of every RAM slot on or off (live migration: what
+    /// the vCPUs wrote since the last [`Vm::dirty_pages`]). Turning it on starts a
+    /// clean log.
+    pub fn log_dirty_pages(&self, mem: &GuestMemoryMmap, on: bool) -> Result<(), VmError> {
+        self.set_ram_slots(mem, if on { KVM_MEM_LOG_DIRTY_PAGES } else { 0 })
+    }
+
+    /// RAM slot `slot`'s dirty log since the last call, one bit per 4 KiB page, and
+    /// a clean log from here on.
+    pub fn dirty_pages(&self, slot: u32, len: u64) -> Result<Vec<u64>, VmError> {
+        self.fd
+            .get_dirty_log(slot, len as usize)
+            .map_err(kvm_err("GET_DIRTY_LOG"))
+    }
+
+    fn set_ram_slots(&self, mem: &GuestMemoryMmap, flags: u32) -> Result<(), VmError> {
         for (slot, region) in mem.iter().enumerate() {
             let r = kvm_userspace_memory_region {
                 slot: slot as u32,
-                flags: 0,
+                flags,
                 guest_phys_addr: region.start_addr().0,
                 memory_size: region.len(),
                 userspace_addr: region.as_ptr() as u64,
