@@ -177,6 +177,7 @@ pub fn for_error(err: &Error) -> u8 {
         Error::Seccomp(crate::seccomp::SeccompError::BadMode(_)) => CONFIG,
         Error::Seccomp(_) => INTERNAL,
         Error::Checkpoint(_) => CHECKPOINT,
+        Error::Migration(crate::migration::MigrationError::BadAddress(_)) => CONFIG,
         Error::Migration(_) => MIGRATION,
     }
 }

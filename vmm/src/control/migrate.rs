@@ -40,7 +40,9 @@ impl Controller {
         let was_paused = self.paused();
         let mut devices = snap.lock_devices();
         let copied = (|| {
-            let pending = sender.precopy().map_err(|e| e.to_string())?;
+            let pending = sender
+                .precopy()
+                .map_err(|e| sender.explain(e).to_string())?;
             if !was_paused {
                 self.pause()?;
             }
@@ -54,7 +56,7 @@ impl Controller {
                 .map_err(|e| e.to_string())?;
             sender
                 .complete(&pending, &state)
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| sender.explain(e).to_string())?;
             Ok::<_, String>(paused_at)
         })();
         let gone = match copied {

@@ -14,6 +14,9 @@ use super::MigrationError;
 use crate::checkpoint::VmState;
 use crate::config::VmConfig;
 
+/// Longest a refusing receiver waits for the sender to read its reason and close.
+const DRAIN: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// A migration on its way in.
 pub struct Incoming {
     input: BufReader<File>,
@@ -122,8 +125,20 @@ impl Incoming {
     }
 
     /// Tells the sender why this side gives up (best effort): it runs the VM on.
+    /// What it still sends is read and dropped until it closes (a while at most),
+    /// so that the reason is not lost to a reset connection.
     pub fn fail(&mut self, why: &str) {
-        let _ = wire::write_frame(&mut self.output, Kind::Error, why.as_bytes());
+        if wire::write_frame(&mut self.output, Kind::Error, why.as_bytes()).is_err() {
+            return;
+        }
         let _ = self.output.flush();
+        let until = std::time::Instant::now() + DRAIN;
+        let mut sink = vec![0u8; 1 << 20];
+        while std::time::Instant::now() < until {
+            match std::io::Read::read(&mut self.input, &mut sink) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
     }
 }

@@ -148,10 +148,56 @@ impl<'a> Sender<'a> {
         Ok(self.stats.clone())
     }
 
+    /// `e`, or the receiver's own reason when it gave up first: a receiver that
+    /// refuses the VM says why and closes, which the sender sees as a broken stream.
+    pub fn explain(&mut self, e: MigrationError) -> MigrationError {
+        use std::io::ErrorKind::{BrokenPipe, ConnectionReset};
+        // Only a closed connection: what it still holds can be read at once.
+        if !matches!(&e, MigrationError::Stream { source, .. }
+            if matches!(source.kind(), BrokenPipe | ConnectionReset))
+        {
+            return e;
+        }
+        loop {
+            match wire::read_header(&mut self.input, "reading the receiver's reason") {
+                Ok((Kind::Error, len)) => {
+                    return match wire::read_payload(&mut self.input, len, "reading") {
+                        Ok(p) => MigrationError::Peer {
+                            side: "receiving",
+                            message: String::from_utf8_lossy(&p).into_owned(),
+                        },
+                        Err(_) => e,
+                    }
+                }
+                Ok((_, len)) if wire::read_payload(&mut self.input, len, "reading").is_ok() => {}
+                _ => return e,
+            }
+        }
+    }
+
     /// Tells the receiver why the migration stops here (best effort).
     pub fn abort(&mut self, why: &str) {
         let _ = wire::write_frame(&mut self.out, Kind::Error, why.as_bytes());
         let _ = self.out.flush();
+    }
+
+    /// Fails with the receiver's reason if it has given up (it says so at once,
+    /// then waits for this side to close).
+    fn check_peer(&mut self) -> Result<(), MigrationError> {
+        let mut fd = libc::pollfd {
+            fd: std::os::fd::AsRawFd::as_raw_fd(&self.input),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one live pollfd, no waiting.
+        if unsafe { libc::poll(&mut fd, 1, 0) } <= 0 {
+            return Ok(());
+        }
+        let payload = wire::expect(&mut self.input, Kind::Error, "receiving", "sending")?;
+        Err(MigrationError::Peer {
+            side: "receiving",
+            message: String::from_utf8_lossy(&payload).into_owned(),
+        })
     }
 
     /// Sends the pages of `[start, start + len)` that are not all zero.
@@ -159,6 +205,7 @@ impl<'a> Sender<'a> {
         let mut at = start;
         while at < start + len {
             let n = (start + len - at).min(MAX_PAGES) as usize;
+            self.check_peer()?;
             self.read(at, n)?;
             for (from, to) in nonzero_runs(&self.buf[..n]) {
                 self.send_buffered(at, from, to)?;
@@ -173,6 +220,7 @@ impl<'a> Sender<'a> {
         let starts: Vec<u64> = self.snap.mem.iter().map(|r| r.start_addr().0).collect();
         for (bitmap, base) in dirty.iter().zip(starts) {
             for (first, pages) in runs(bitmap, MAX_PAGES / PAGE) {
+                self.check_peer()?;
                 let gpa = base + first * PAGE;
                 let n = (pages * PAGE) as usize;
                 self.read(gpa, n)?;

@@ -1,0 +1,325 @@
+//! Real /dev/kvm, real guest: a job live-migrated mid-run between hpcvm processes on
+//! loopback, over a Unix socket and then over TCP, carries on in the receiver (every
+//! tick of its output exactly once across the three processes, its RAM intact, guest
+//! time not jumping, its exit status the last receiver's; each sender exits 175). A
+//! migration that fails (nobody listening, a receiver that refuses the VM) leaves the
+//! job running on the sender; a receiver fed garbage or stopped while waiting says so
+//! and leaves nothing behind.
+
+use std::io::Write;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use hpcvm_tests::proc::{ctl, run_hpcvm, signal, socket_path, RunningVm};
+
+/// Boot, job and exit together; generous for software KVM.
+const TIMEOUT: Duration = Duration::from_secs(240);
+
+/// Writes a file into the guest's RAM-backed root, prints `tick 0 UPTIME` ..
+/// `tick 13 UPTIME` a second apart, then checks the file and exits 7.
+const COUNTING_JOB: &str = "mkdir -p /tmp; seq 1 40000 > /tmp/blob; a=$(md5sum < /tmp/blob); \
+     i=0; while [ $i -lt 14 ]; do echo tick $i $(cut -d' ' -f1 /proc/uptime); \
+     i=$((i+1)); sleep 1; done; [ \"$(md5sum < /tmp/blob)\" = \"$a\" ] && echo blob intact; \
+     exit 7";
+
+/// Reads lines from `vm` until one starts with `prefix` (kept in `lines`).
+fn read_until(vm: &mut RunningVm, lines: &mut Vec<String>, prefix: &str) {
+    let deadline = Instant::now() + TIMEOUT;
+    while !lines.iter().any(|l| l.starts_with(prefix)) {
+        assert!(Instant::now() < deadline, "no {prefix:?}: {lines:?}");
+        if let Some(l) = vm.next_line(Duration::from_secs(1)) {
+            lines.push(l);
+        }
+    }
+}
+
+/// Every line until the process exits.
+fn drain(vm: &mut RunningVm, lines: &mut Vec<String>) {
+    while let Some(l) = vm.next_line(Duration::from_millis(500)) {
+        lines.push(l);
+    }
+}
+
+/// Waits for a Unix socket (a receiver listening) to appear.
+fn wait_for(path: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !path.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "{} never appeared",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A TCP port nothing listens on now.
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+/// True if a TCP socket listens on `port` (/proc/net/tcp, state 0A).
+fn listening(port: u16) -> bool {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    let local = format!(":{port:04X}");
+    table.lines().skip(1).any(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        f.len() > 3 && f[1].ends_with(&local) && f[3] == "0A"
+    })
+}
+
+/// The tick numbers and guest uptimes in `lines`.
+fn ticks(lines: &[String]) -> Vec<(u32, f64)> {
+    lines
+        .iter()
+        .filter_map(|l| {
+            let mut w = l.strip_prefix("tick ")?.split(' ');
+            Some((w.next()?.parse().ok()?, w.next()?.parse().ok()?))
+        })
+        .collect()
+}
+
+/// `ctl migrate` through `api` to `to`; its JSON answer, checked ok.
+fn migrate(api: &Path, to: &str) -> serde_json::Value {
+    let r = ctl(api, &["migrate", to]);
+    assert_eq!(r.code, Some(0), "{}{}", r.stdout, r.stderr);
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(v["ok"], true, "{v}");
+    v
+}
+
+#[test]
+fn a_job_migrates_twice_and_every_tick_appears_once() {
+    let (api_a, api_b, api_c) = (
+        socket_path("mig-a"),
+        socket_path("mig-b"),
+        socket_path("mig-c"),
+    );
+    let listen_b = socket_path("mig-listen-b");
+    let port = free_port();
+    let mut a = RunningVm::start(&[
+        "run",
+        "--cpus",
+        "2",
+        "--no-share-cwd",
+        "--api-socket",
+        api_a.to_str().unwrap(),
+        "--",
+        "sh",
+        "-c",
+        COUNTING_JOB,
+    ]);
+    let listen_b_arg = format!("unix:{}", listen_b.display());
+    let mut b = RunningVm::start(&[
+        "receive",
+        "--listen",
+        &listen_b_arg,
+        "--api-socket",
+        api_b.to_str().unwrap(),
+    ]);
+    let mut lines = Vec::new();
+    read_until(&mut a, &mut lines, "tick 2 ");
+    wait_for(&listen_b);
+    let first = migrate(&api_a, &listen_b_arg);
+    assert_eq!(first["ram"], 256 << 20, "{first}");
+    assert!(first["passes"].as_u64().unwrap() >= 1, "{first}");
+    // The running guest wrote RAM after the first pass: KVM's dirty log found it.
+    assert!(first["sent_paused"].as_u64().unwrap() > 0, "{first}");
+    assert!(first["downtime_s"].as_f64().unwrap() < first["total_s"].as_f64().unwrap());
+    let (code, err, _) = a.wait_exit(Duration::from_secs(30));
+    drain(&mut a, &mut lines);
+    assert_eq!(code, Some(175), "{err}");
+    assert!(
+        err.contains(&format!("Migrated to {listen_b_arg}")),
+        "{err}"
+    );
+    assert!(!api_a.exists(), "the sender's API socket is gone");
+    let moved_at = ticks(&lines).len();
+
+    // From B onwards over TCP, to a receiver pinned to host CPUs of its own choosing.
+    let tcp = format!("tcp:127.0.0.1:{port}");
+    let mut c = RunningVm::start(&[
+        "receive",
+        "--listen",
+        &tcp,
+        "--affinity",
+        "0-1",
+        "--api-socket",
+        api_c.to_str().unwrap(),
+    ]);
+    read_until(&mut b, &mut lines, "tick 7 ");
+    assert!(
+        !listen_b.exists(),
+        "B's listening socket is gone once it accepted"
+    );
+    // C takes one connection, so look for its listening socket without connecting.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !listening(port) {
+        assert!(Instant::now() < deadline, "C never listened");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let second = migrate(&api_b, &tcp);
+    assert_eq!(second["to"], tcp.as_str(), "{second}");
+    let (code, err, _) = b.wait_exit(Duration::from_secs(30));
+    drain(&mut b, &mut lines);
+    assert_eq!(code, Some(175), "{err}");
+    assert!(!api_b.exists());
+    let moved_again_at = ticks(&lines).len();
+
+    let (code, err, _) = c.wait_exit(TIMEOUT);
+    drain(&mut c, &mut lines);
+    assert_eq!(code, Some(7), "the job's status: {err}");
+    assert!(!api_c.exists());
+    let ticks = ticks(&lines);
+    assert_eq!(
+        ticks.iter().map(|t| t.0).collect::<Vec<_>>(),
+        (0..14).collect::<Vec<_>>(),
+        "every tick exactly once, in order, across the three processes: {lines:?}"
+    );
+    assert!(
+        lines.iter().any(|l| l == "blob intact"),
+        "the job's RAM came through whole: {lines:?}"
+    );
+    // Guest time carries on across each move (a tick is ~3 s of guest time here).
+    for at in [moved_at, moved_again_at] {
+        let step = ticks[at].1 - ticks[at - 1].1;
+        assert!(
+            (0.0..15.0).contains(&step),
+            "uptime moved {step:.2} s: {lines:?}"
+        );
+    }
+}
+
+#[test]
+fn a_failed_migration_leaves_the_job_running_on_the_sender() {
+    let api = socket_path("mig-fail");
+    let listen = socket_path("mig-fail-listen");
+    let mut vm = RunningVm::start(&[
+        "run",
+        "--cpus",
+        "2",
+        "--no-share-cwd",
+        "--api-socket",
+        api.to_str().unwrap(),
+        "--",
+        "sh",
+        "-c",
+        "i=0; while [ $i -lt 8 ]; do echo tick $i; i=$((i+1)); sleep 1; done; exit 3",
+    ]);
+    vm.wait_for_line("tick 1", TIMEOUT);
+    let nobody = format!("unix:{}", socket_path("mig-nobody").display());
+    let r = ctl(&api, &["migrate", &nobody]);
+    assert_eq!(r.code, Some(1), "{}", r.stdout);
+    assert!(
+        r.stdout.contains(&format!(
+            "migration to {nobody} failed, the VM runs on here: Cannot connect to {nobody}"
+        )),
+        "{}",
+        r.stdout
+    );
+    let r = ctl(&api, &["migrate", "node7:4444"]);
+    assert!(
+        r.stdout
+            .contains("Invalid migration address 'node7:4444': use unix:PATH or tcp:HOST:PORT"),
+        "{}",
+        r.stdout
+    );
+
+    // A receiver that cannot run the VM (one host CPU for two vCPUs) refuses it
+    // after the sender started copying; the sender hears why.
+    let to = format!("unix:{}", listen.display());
+    let mut refusing = RunningVm::start(&["receive", "--listen", &to, "--affinity", "0"]);
+    wait_for(&listen);
+    let r = ctl(&api, &["migrate", &to]);
+    assert_eq!(r.code, Some(1), "{}", r.stdout);
+    assert!(
+        r.stdout.contains(
+            "The receiving hpcvm failed: Cannot restore: the checkpointed VM has 2 vCPUs and \
+             this run has 1 host CPUs"
+        ),
+        "{}",
+        r.stdout
+    );
+    let (code, err, _) = refusing.wait_exit(Duration::from_secs(30));
+    assert_eq!(code, Some(174), "{err}");
+    assert!(
+        err.contains("has 2 vCPUs and this run has 1 host CPUs"),
+        "{err}"
+    );
+    assert!(!listen.exists());
+
+    // The job ran on here all along.
+    let (code, err, _) = vm.wait_exit(TIMEOUT);
+    assert_eq!(code, Some(3), "{err}");
+    assert!(!api.exists());
+}
+
+#[test]
+fn a_receiver_fed_garbage_or_stopped_while_waiting_leaves_nothing_behind() {
+    // Garbage where the greeting belongs.
+    let listen = socket_path("mig-garbage");
+    let to = format!("unix:{}", listen.display());
+    let mut r = RunningVm::start(&["receive", "--listen", &to]);
+    wait_for(&listen);
+    let mut s = std::os::unix::net::UnixStream::connect(&listen).unwrap();
+    s.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+    let (code, err, _) = r.wait_exit(Duration::from_secs(30));
+    assert_eq!(code, Some(176), "{err}");
+    assert!(
+        err.contains("The peer is not an hpcvm migration sender (bad magic)"),
+        "{err}"
+    );
+    assert!(!listen.exists(), "the listening socket is removed");
+
+    // The right greeting, then a configuration cut short.
+    let mut r = RunningVm::start(&["receive", "--listen", &to]);
+    wait_for(&listen);
+    let mut s = std::os::unix::net::UnixStream::connect(&listen).unwrap();
+    let mut msg = b"HPCVMMIG".to_vec();
+    msg.extend_from_slice(&1u32.to_le_bytes());
+    msg.push(1);
+    msg.extend_from_slice(&100u64.to_le_bytes());
+    msg.extend_from_slice(b"{\"kernel\"");
+    s.write_all(&msg).unwrap();
+    drop(s);
+    let (code, err, _) = r.wait_exit(Duration::from_secs(30));
+    assert_eq!(code, Some(176), "{err}");
+    assert!(
+        err.contains("The migration stream failed while reading the configuration"),
+        "{err}"
+    );
+    assert!(!listen.exists());
+
+    // SIGTERM while waiting.
+    let mut r = RunningVm::start(&["receive", "--listen", &to]);
+    wait_for(&listen);
+    signal(r.pid(), libc::SIGTERM);
+    let (code, err, _) = r.wait_exit(Duration::from_secs(30));
+    assert_eq!(code, Some(176), "{err}");
+    assert!(
+        err.contains("Stopped by SIGTERM while waiting for a migration"),
+        "{err}"
+    );
+    assert!(!listen.exists());
+
+    // An address that is not one, and one already taken (nothing of it removed).
+    let bad = run_hpcvm(&["receive", "--listen", "node7:4444"], TIMEOUT);
+    assert_eq!(bad.code, Some(160), "{}", bad.stderr);
+    assert!(
+        bad.stderr
+            .contains("Invalid migration address 'node7:4444': use unix:PATH or tcp:HOST:PORT"),
+        "{}",
+        bad.stderr
+    );
+    std::fs::write(&listen, b"not a socket").unwrap();
+    let taken = run_hpcvm(&["receive", "--listen", &to], TIMEOUT);
+    assert_eq!(taken.code, Some(176), "{}", taken.stderr);
+    assert!(
+        taken.stderr.contains(&format!("Cannot listen on {to}")),
+        "{}",
+        taken.stderr
+    );
+    assert_eq!(std::fs::read(&listen).unwrap(), b"not a socket");
+    std::fs::remove_file(&listen).unwrap();
+}
