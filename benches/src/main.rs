@@ -6,10 +6,12 @@
 //! `HPCVM_BENCH_DESTROY_GIB` (default "1,4,8"), `HPCVM_BENCH_REPS` (default 3),
 //! `HPCVM_BENCH_IO_MIB` (data path transfer size, default 16), `HPCVM_BENCH_ONLY`
 //! (comma-separated: startup, control, prefault, destroy, boot, compute, datapath,
-//! mpi; default all), `HPCVM_BENCH_HPCC_N` (HPCC's problem size, default 400).
+//! mpi, checkpoint; default all), `HPCVM_BENCH_HPCC_N` (HPCC's problem size, default
+//! 400), `HPCVM_BENCH_FT_GIB` (checkpoint and migration guest sizes, default "1,4").
 
 mod control;
 mod datapath;
+mod faults;
 mod guest;
 mod memory;
 mod mpi;
@@ -95,6 +97,10 @@ fn main() {
         (
             "mpi",
             Box::new(|| mpi::run(&hpcvm, env_num("HPCVM_BENCH_HPCC_N", 400), reps)),
+        ),
+        (
+            "checkpoint",
+            Box::new(|| faults::run(&hpcvm, &env_sizes("HPCVM_BENCH_FT_GIB", "1,4"))),
         ),
     ];
     let only = std::env::var("HPCVM_BENCH_ONLY").ok();

@@ -36,7 +36,7 @@ pub(crate) enum Restore<'a> {
     /// None: the kernel boots.
     Boot,
     /// A checkpoint, read and checked.
-    Checkpoint(Checkpoint),
+    Checkpoint(Box<Checkpoint>),
     /// A live migration's stream: RAM first, then the rest.
     Incoming(&'a mut crate::migration::receive::Incoming),
 }

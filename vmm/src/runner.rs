@@ -171,7 +171,12 @@ impl Vmm {
         if let Some(why) = crate::checkpoint::refusal(&config, 0) {
             return Err(crate::checkpoint::CheckpointError::Refused(why).into());
         }
-        crate::builder::build(&config, Vec::new(), options, Restore::Checkpoint(ck))
+        crate::builder::build(
+            &config,
+            Vec::new(),
+            options,
+            Restore::Checkpoint(Box::new(ck)),
+        )
     }
 
     /// Waits on `listener` for one `hpcvm ctl migrate`, builds the VM it sends with

@@ -57,13 +57,15 @@ pub fn save(mem: &GuestMemoryMmap, path: &Path) -> Result<MemoryImage, Checkpoin
     let f = File::create(path).map_err(io("creating"))?;
     let mut crc = crc32fast::Hasher::new();
     let (mut size, mut data) = (0u64, 0u64);
-    for (base, ptr, len) in regions(mem) {
-        // SAFETY: the region is a live mapping of `len` bytes owned by `mem`, and
-        // nothing writes it while the VM is paused and its devices locked.
-        let ram = unsafe { std::slice::from_raw_parts(ptr.cast_const(), len) };
+    let regions = regions(mem);
+    for (r, part, part_len) in crate::memory::touched::parts(mem) {
+        let (base, ptr, _) = regions[r];
+        // SAFETY: the part lies in a live mapping owned by `mem`, and nothing writes
+        // it while the VM is paused and its devices locked.
+        let ram = unsafe { std::slice::from_raw_parts(ptr.cast_const(), part + part_len) };
         let mut run: Option<usize> = None;
-        for (i, page) in ram.chunks(PAGE).enumerate() {
-            let off = i * PAGE;
+        for (i, page) in ram[part..].chunks(PAGE).enumerate() {
+            let off = part + i * PAGE;
             if is_zero(page) {
                 if let Some(start) = run.take() {
                     f.write_all_at(&ram[start..off], base + start as u64)
@@ -88,6 +90,8 @@ pub fn save(mem: &GuestMemoryMmap, path: &Path) -> Result<MemoryImage, Checkpoin
             f.write_all_at(&ram[start..], base + start as u64)
                 .map_err(io("writing"))?;
         }
+    }
+    for &(base, _, len) in &regions {
         size = base + len as u64;
     }
     f.set_len(size).map_err(io("sizing"))?;

@@ -4,6 +4,7 @@ pub mod hugepages;
 pub mod layout;
 pub mod numa;
 pub mod prefault;
+pub mod touched;
 
 use std::io;
 
