@@ -219,9 +219,20 @@ fn a_failed_migration_leaves_the_job_running_on_the_sender() {
         r.stdout
     );
     let r = ctl(&api, &["migrate", "node7:4444"]);
+    assert_eq!(r.code, Some(1), "{}", r.stderr);
     assert!(
-        r.stdout
+        r.stderr
             .contains("Invalid migration address 'node7:4444': use unix:PATH or tcp:HOST:PORT"),
+        "{}",
+        r.stderr
+    );
+    // A host name is looked up by ctl (the VMM makes no lookups).
+    let r = ctl(&api, &["migrate", "tcp:localhost:9"]);
+    assert_eq!(r.code, Some(1), "{}", r.stdout);
+    assert!(
+        ["tcp:127.0.0.1:9", "tcp:[::1]:9"]
+            .iter()
+            .any(|a| r.stdout.contains(&format!("Cannot connect to {a}"))),
         "{}",
         r.stdout
     );

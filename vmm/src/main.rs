@@ -335,7 +335,16 @@ fn ctl(args: CtlArgs) -> u8 {
             dir: std::path::absolute(&dir).unwrap_or(dir),
             stop,
         },
-        CtlRequest::Migrate { to } => ApiCommand::Migrate { to },
+        // The VMM does no name lookups: a TCP host name is resolved here.
+        CtlRequest::Migrate { to } => {
+            match vmm::migration::Address::parse(&to).and_then(|a| a.resolve()) {
+                Ok(a) => ApiCommand::Migrate { to: a.to_string() },
+                Err(e) => {
+                    eprintln!("hpcvm ctl: {e}");
+                    return 1;
+                }
+            }
+        }
     };
     match client::call(&args.api_socket, &command) {
         Ok((line, ok)) => {

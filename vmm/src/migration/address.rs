@@ -3,7 +3,7 @@
 //! so that guest RAM is read and written with vm-memory's volatile copies.
 
 use std::fs::File;
-use std::net::{TcpListener, TcpStream, ToSocketAddrs};
+use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
@@ -60,7 +60,23 @@ impl Address {
         }
     }
 
-    /// Connects to a listening receiver; the stream times out after [`STALL`].
+    /// The same address with a TCP host name looked up (the first of its addresses).
+    pub fn resolve(&self) -> Result<Self, MigrationError> {
+        match self {
+            Address::Unix(_) => Ok(self.clone()),
+            Address::Tcp(a) => a
+                .to_socket_addrs()
+                .map_err(self.socket_err("look up"))?
+                .next()
+                .map(|s| Address::Tcp(s.to_string()))
+                .ok_or_else(|| {
+                    self.socket_err("look up")(std::io::Error::other("the name has no address"))
+                }),
+        }
+    }
+
+    /// Connects to a listening receiver (a TCP one by numeric address); the stream
+    /// times out after [`STALL`].
     pub fn connect(&self) -> Result<File, MigrationError> {
         let fd: OwnedFd = match self {
             Address::Unix(p) => {
@@ -71,22 +87,16 @@ impl Address {
                 s.into()
             }
             Address::Tcp(a) => {
-                let addrs = a
-                    .to_socket_addrs()
-                    .map_err(self.socket_err("resolve"))?
-                    .collect::<Vec<_>>();
-                let mut last = std::io::Error::other("no address");
-                let mut stream = None;
-                for addr in addrs {
-                    match TcpStream::connect_timeout(&addr, Duration::from_secs(10)) {
-                        Ok(s) => {
-                            stream = Some(s);
-                            break;
-                        }
-                        Err(e) => last = e,
-                    }
-                }
-                let s = stream.ok_or(last).map_err(self.socket_err("connect to"))?;
+                // No name lookups in the VMM (its filter has no room for a resolver's
+                // calls): `hpcvm ctl` resolves names first (Address::resolve).
+                let addr: SocketAddr = a.parse().map_err(|_| {
+                    self.socket_err("connect to")(std::io::Error::other(
+                        "give the receiver as a numeric address (hpcvm ctl resolves host \
+                         names)",
+                    ))
+                })?;
+                let s = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
+                    .map_err(self.socket_err("connect to"))?;
                 s.set_nodelay(true)
                     .and_then(|()| s.set_read_timeout(Some(STALL)))
                     .and_then(|()| s.set_write_timeout(Some(STALL)))
@@ -228,6 +238,24 @@ mod tests {
         assert_eq!(
             Address::parse("tcp:[::1]:4444").unwrap(),
             Address::Tcp("[::1]:4444".into())
+        );
+        let resolved = Address::parse("tcp:localhost:4444")
+            .unwrap()
+            .resolve()
+            .unwrap()
+            .to_string();
+        assert!(
+            ["tcp:127.0.0.1:4444", "tcp:[::1]:4444"].contains(&resolved.as_str()),
+            "{resolved}"
+        );
+        let e = Address::parse("tcp:localhost:4444")
+            .unwrap()
+            .connect()
+            .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("give the receiver as a numeric address"),
+            "{e}"
         );
         for bad in [
             "",

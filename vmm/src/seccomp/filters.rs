@@ -186,13 +186,10 @@ const CONTROL: &[libc::c_long] = &[
     libc::SYS_renameat,
     libc::SYS_renameat2,
     libc::SYS_rename,
-    // Live migration: resolving the receiver's name (glibc's resolver) and connecting.
+    // Live migration: connecting to the receiver (by numeric address: no resolver).
     libc::SYS_socket,
     libc::SYS_connect,
     libc::SYS_setsockopt,
-    libc::SYS_sendmmsg,
-    libc::SYS_bind,
-    libc::SYS_getsockname,
 ];
 
 /// The ioctls a vCPU thread may make, by request number.
