@@ -17,7 +17,7 @@ const BATCH: usize = 1 << 18;
 pub fn ranges(ptr: *const u8, len: usize) -> Vec<(usize, usize)> {
     let whole = vec![(0, len)];
     let base = ptr as usize;
-    if base % PAGE != 0 {
+    if !base.is_multiple_of(PAGE) {
         return whole;
     }
     let Ok(map) = File::open("/proc/self/pagemap") else {
