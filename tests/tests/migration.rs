@@ -4,12 +4,14 @@
 //! time not jumping, its exit status the last receiver's; each sender exits 175). A
 //! migration that fails (nobody listening, a receiver that refuses the VM) leaves the
 //! job running on the sender; a receiver fed garbage or stopped while waiting says so
-//! and leaves nothing behind.
+//! and leaves nothing behind. A hugepage guest moves onto the receiver's hugepages and
+//! every page goes back to the pool.
 
 use std::io::Write;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use hpcvm_tests::hugepages::{free_2m, Reservation};
 use hpcvm_tests::proc::{ctl, run_hpcvm, signal, socket_path, RunningVm};
 
 /// Boot, job and exit together; generous for software KVM.
@@ -189,6 +191,53 @@ fn a_job_migrates_twice_and_every_tick_appears_once() {
             "uptime moved {step:.2} s: {lines:?}"
         );
     }
+}
+
+#[test]
+fn a_hugepage_guest_migrates_onto_hugepages_and_gives_them_back() {
+    // 256 MiB of 2M pages on each side while both hold the VM.
+    let _pool = Reservation::take(2 * 128);
+    let before = free_2m();
+    let api = socket_path("mig-huge");
+    let listen = socket_path("mig-huge-listen");
+    let to = format!("unix:{}", listen.display());
+    let mut a = RunningVm::start(&[
+        "run",
+        "--memory",
+        "256M,hugepages=2M,prefault=on",
+        "--no-share-cwd",
+        "--api-socket",
+        api.to_str().unwrap(),
+        "--",
+        "sh",
+        "-c",
+        COUNTING_JOB,
+    ]);
+    let mut b = RunningVm::start(&["receive", "--listen", &to]);
+    let mut lines = Vec::new();
+    read_until(&mut a, &mut lines, "tick 1 ");
+    assert_eq!(free_2m(), before - 128, "the sender holds its 128 pages");
+    wait_for(&listen);
+    migrate(&api, &to);
+    let (code, err, _) = a.wait_exit(Duration::from_secs(30));
+    drain(&mut a, &mut lines);
+    assert_eq!(code, Some(175), "{err}");
+    read_until(&mut b, &mut lines, "tick 3 ");
+    assert_eq!(
+        free_2m(),
+        before - 128,
+        "the receiver holds 128, the sender none"
+    );
+    let (code, err, _) = b.wait_exit(TIMEOUT);
+    drain(&mut b, &mut lines);
+    assert_eq!(code, Some(7), "{err}");
+    assert_eq!(
+        ticks(&lines).iter().map(|t| t.0).collect::<Vec<_>>(),
+        (0..14).collect::<Vec<_>>(),
+        "{lines:?}"
+    );
+    assert!(lines.iter().any(|l| l == "blob intact"), "{lines:?}");
+    assert_eq!(free_2m(), before, "every hugepage is back in the pool");
 }
 
 #[test]
