@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use crate::stats::{ms, ratio, stats, Table};
 
-fn wait_for_socket(path: &Path) -> Result<UnixStream, String> {
+/// Connects to the Unix socket at `path` once it listens (within 30 s).
+pub fn wait_for_socket(path: &Path) -> Result<UnixStream, String> {
     let until = Instant::now() + Duration::from_secs(30);
     loop {
         match UnixStream::connect(path) {

@@ -10,7 +10,6 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use vmm::boot::initramfs::Cpio;
 
 use crate::stats::{ratio, Table};
 
@@ -34,14 +33,6 @@ fn fill_bytes(gib: u64) -> u64 {
 /// string doubled until that long; freed pages keep their bytes), says so, and
 /// idles.
 fn fill_initramfs(busybox: &Path, fill: u64) -> PathBuf {
-    let path = std::env::temp_dir().join(format!("hpcvm-bench-fill-{}.cpio", std::process::id()));
-    let mut c = Cpio::new(Vec::new());
-    for d in ["bin", "dev", "proc"] {
-        c.dir(d, 0o755).unwrap();
-    }
-    c.chardev("dev/console", 0o600, 5, 1).unwrap();
-    c.file("bin/busybox", 0o755, &std::fs::read(busybox).unwrap())
-        .unwrap();
     let awk = match fill {
         0 => String::new(),
         n => format!(
@@ -53,9 +44,7 @@ fn fill_initramfs(busybox: &Path, fill: u64) -> PathBuf {
         "#!/bin/busybox sh\n{awk}/bin/busybox echo {FILLED}\n\
          while :; do /bin/busybox sleep 1000; done\n"
     );
-    c.file("init", 0o755, init.as_bytes()).unwrap();
-    std::fs::write(&path, c.finish().unwrap()).unwrap();
-    path
+    crate::guest::busybox_initramfs(busybox, "fill", &init)
 }
 
 /// A child killed and reaped when dropped, with the files it leaves.
@@ -262,14 +251,7 @@ struct Qmp(BufReader<UnixStream>, UnixStream);
 
 impl Qmp {
     fn connect(path: &Path) -> Result<Self, String> {
-        let until = Instant::now() + Duration::from_secs(30);
-        let s = loop {
-            match UnixStream::connect(path) {
-                Ok(s) => break s,
-                Err(e) if Instant::now() > until => return Err(e.to_string()),
-                Err(_) => std::thread::sleep(Duration::from_millis(10)),
-            }
-        };
+        let s = crate::control::wait_for_socket(path)?;
         let w = s.try_clone().map_err(|e| e.to_string())?;
         let mut q = Qmp(BufReader::new(s), w);
         q.line()?;

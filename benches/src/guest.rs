@@ -19,9 +19,10 @@ pub fn guest_dir(hpcvm: &Path) -> Option<PathBuf> {
     (d.join("vmlinux").is_file() && d.join("busybox").is_file()).then_some(d)
 }
 
-/// An initramfs whose /init prints the marker and powers off.
-fn marker_initramfs(busybox: &Path) -> PathBuf {
-    let path = std::env::temp_dir().join(format!("hpcvm-bench-init-{}.cpio", std::process::id()));
+/// A temporary initramfs `hpcvm-bench-NAME-PID.cpio` holding `busybox` and the
+/// shell script `init` as /init.
+pub fn busybox_initramfs(busybox: &Path, name: &str, init: &str) -> PathBuf {
+    let path = std::env::temp_dir().join(format!("hpcvm-bench-{name}-{}.cpio", std::process::id()));
     let mut c = Cpio::new(Vec::new());
     for d in ["bin", "dev", "proc"] {
         c.dir(d, 0o755).unwrap();
@@ -29,10 +30,15 @@ fn marker_initramfs(busybox: &Path) -> PathBuf {
     c.chardev("dev/console", 0o600, 5, 1).unwrap();
     c.file("bin/busybox", 0o755, &std::fs::read(busybox).unwrap())
         .unwrap();
-    let init = format!("#!/bin/busybox sh\n/bin/busybox echo {MARKER}\n/bin/busybox reboot -f\n");
     c.file("init", 0o755, init.as_bytes()).unwrap();
     std::fs::write(&path, c.finish().unwrap()).unwrap();
     path
+}
+
+/// An initramfs whose /init prints the marker and powers off.
+fn marker_initramfs(busybox: &Path) -> PathBuf {
+    let init = format!("#!/bin/busybox sh\n/bin/busybox echo {MARKER}\n/bin/busybox reboot -f\n");
+    busybox_initramfs(busybox, "init", &init)
 }
 
 /// The command line hpcvm gives a plain `--kernel` guest with `--cmdline quiet`.

@@ -205,6 +205,24 @@ impl RunningVm {
         self.lines.recv_timeout(timeout).ok()
     }
 
+    /// Reads lines into `lines` until one starts with `prefix`; panics past `timeout`.
+    pub fn read_until(&mut self, lines: &mut Vec<String>, prefix: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while !lines.iter().any(|l| l.starts_with(prefix)) {
+            assert!(Instant::now() < deadline, "no {prefix:?}: {lines:?}");
+            if let Some(l) = self.next_line(Duration::from_secs(1)) {
+                lines.push(l);
+            }
+        }
+    }
+
+    /// Reads every line into `lines` until the output ends (the process exited).
+    pub fn drain(&mut self, lines: &mut Vec<String>) {
+        while let Some(l) = self.next_line(Duration::from_millis(500)) {
+            lines.push(l);
+        }
+    }
+
     /// Process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
@@ -221,6 +239,17 @@ impl Drop for RunningVm {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// The tick numbers and guest uptimes (seconds) of `tick N UPTIME` lines in `lines`.
+pub fn ticks(lines: &[String]) -> Vec<(u32, f64)> {
+    lines
+        .iter()
+        .filter_map(|l| {
+            let mut w = l.strip_prefix("tick ")?.split(' ');
+            Some((w.next()?.parse().ok()?, w.next()?.parse().ok()?))
+        })
+        .collect()
 }
 
 /// (thread name, Cpus_allowed_list) of every thread of process `pid`.

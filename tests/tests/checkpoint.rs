@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use hpcvm_tests::proc::{ctl, run_hpcvm, socket_path, RunningVm};
+use hpcvm_tests::proc::{ctl, run_hpcvm, socket_path, ticks, RunningVm};
 use hpcvm_tests::scratch::Scratch;
 
 /// Boot, job and exit together; generous for software KVM.
@@ -19,24 +19,6 @@ const COUNTING_JOB: &str = "i=0; while [ $i -lt 12 ]; do echo tick $i $(cut -d' 
 /// How long the checkpointed VM stays stopped: longer than the guest's RCU stall
 /// timeout (21 s), which a guest clock jumping by the stop would trip.
 const STOPPED: Duration = Duration::from_secs(30);
-
-/// The tick numbers and guest uptimes (seconds) in `lines`.
-fn ticks(lines: &[String]) -> Vec<(u32, f64)> {
-    lines
-        .iter()
-        .filter_map(|l| {
-            let mut w = l.strip_prefix("tick ")?.split(' ');
-            Some((w.next()?.parse().ok()?, w.next()?.parse().ok()?))
-        })
-        .collect()
-}
-
-/// Every line until the process exits.
-fn drain(vm: &mut RunningVm, lines: &mut Vec<String>) {
-    while let Some(l) = vm.next_line(Duration::from_millis(500)) {
-        lines.push(l);
-    }
-}
 
 #[test]
 fn a_checkpointed_job_carries_on_under_restore_and_bad_checkpoints_are_refused() {
@@ -57,13 +39,7 @@ fn a_checkpointed_job_carries_on_under_restore_and_bad_checkpoints_are_refused()
         COUNTING_JOB,
     ]);
     let mut lines = Vec::new();
-    let deadline = std::time::Instant::now() + TIMEOUT;
-    while !lines.iter().any(|l: &String| l.starts_with("tick 2 ")) {
-        assert!(std::time::Instant::now() < deadline, "no tick 2: {lines:?}");
-        if let Some(l) = first.next_line(Duration::from_secs(1)) {
-            lines.push(l);
-        }
-    }
+    first.read_until(&mut lines, "tick 2 ", TIMEOUT);
     let answer = ctl(&sock, &["checkpoint", dir.to_str().unwrap(), "--stop"]);
     assert_eq!(answer.code, Some(0), "{}{}", answer.stdout, answer.stderr);
     assert!(
@@ -75,7 +51,7 @@ fn a_checkpointed_job_carries_on_under_restore_and_bad_checkpoints_are_refused()
     let stopped_at = std::time::Instant::now();
     assert_eq!(code, Some(173), "{err}");
     assert!(err.contains("Checkpointed to"), "{err}");
-    drain(&mut first, &mut lines);
+    first.drain(&mut lines);
     assert!(!sock.exists(), "the first VMM's socket is gone");
     let ram = std::fs::metadata(dir.join("memory")).unwrap();
     assert_eq!(ram.len(), 256 << 20);
@@ -124,7 +100,7 @@ fn a_checkpointed_job_carries_on_under_restore_and_bad_checkpoints_are_refused()
     let before = ticks(&lines).len();
     let mut second = RunningVm::start(&["restore", dir.to_str().unwrap()]);
     let (code, err, _) = second.wait_exit(TIMEOUT);
-    drain(&mut second, &mut lines);
+    second.drain(&mut lines);
     assert_eq!(code, Some(7), "the job's status: {err}");
     let ticks = ticks(&lines);
     assert_eq!(

@@ -12,7 +12,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use hpcvm_tests::hugepages::{free_2m, Reservation};
-use hpcvm_tests::proc::{ctl, run_hpcvm, signal, socket_path, RunningVm};
+use hpcvm_tests::proc::{ctl, run_hpcvm, signal, socket_path, ticks, RunningVm};
 
 /// Boot, job and exit together; generous for software KVM.
 const TIMEOUT: Duration = Duration::from_secs(240);
@@ -23,24 +23,6 @@ const COUNTING_JOB: &str = "mkdir -p /tmp; seq 1 40000 > /tmp/blob; a=$(md5sum <
      i=0; while [ $i -lt 14 ]; do echo tick $i $(cut -d' ' -f1 /proc/uptime); \
      i=$((i+1)); sleep 1; done; [ \"$(md5sum < /tmp/blob)\" = \"$a\" ] && echo blob intact; \
      exit 7";
-
-/// Reads lines from `vm` until one starts with `prefix` (kept in `lines`).
-fn read_until(vm: &mut RunningVm, lines: &mut Vec<String>, prefix: &str) {
-    let deadline = Instant::now() + TIMEOUT;
-    while !lines.iter().any(|l| l.starts_with(prefix)) {
-        assert!(Instant::now() < deadline, "no {prefix:?}: {lines:?}");
-        if let Some(l) = vm.next_line(Duration::from_secs(1)) {
-            lines.push(l);
-        }
-    }
-}
-
-/// Every line until the process exits.
-fn drain(vm: &mut RunningVm, lines: &mut Vec<String>) {
-    while let Some(l) = vm.next_line(Duration::from_millis(500)) {
-        lines.push(l);
-    }
-}
 
 /// Waits for a Unix socket (a receiver listening) to appear.
 fn wait_for(path: &Path) {
@@ -69,17 +51,6 @@ fn listening(port: u16) -> bool {
         let f: Vec<&str> = l.split_whitespace().collect();
         f.len() > 3 && f[1].ends_with(&local) && f[3] == "0A"
     })
-}
-
-/// The tick numbers and guest uptimes in `lines`.
-fn ticks(lines: &[String]) -> Vec<(u32, f64)> {
-    lines
-        .iter()
-        .filter_map(|l| {
-            let mut w = l.strip_prefix("tick ")?.split(' ');
-            Some((w.next()?.parse().ok()?, w.next()?.parse().ok()?))
-        })
-        .collect()
 }
 
 /// `ctl migrate` through `api` to `to`; its JSON answer, checked ok.
@@ -121,7 +92,7 @@ fn a_job_migrates_twice_and_every_tick_appears_once() {
         api_b.to_str().unwrap(),
     ]);
     let mut lines = Vec::new();
-    read_until(&mut a, &mut lines, "tick 2 ");
+    a.read_until(&mut lines, "tick 2 ", TIMEOUT);
     wait_for(&listen_b);
     let first = migrate(&api_a, &listen_b_arg);
     assert_eq!(first["ram"], 256 << 20, "{first}");
@@ -130,7 +101,7 @@ fn a_job_migrates_twice_and_every_tick_appears_once() {
     assert!(first["sent_paused"].as_u64().unwrap() > 0, "{first}");
     assert!(first["downtime_s"].as_f64().unwrap() < first["total_s"].as_f64().unwrap());
     let (code, err, _) = a.wait_exit(Duration::from_secs(30));
-    drain(&mut a, &mut lines);
+    a.drain(&mut lines);
     assert_eq!(code, Some(175), "{err}");
     assert!(
         err.contains(&format!("Migrated to {listen_b_arg}")),
@@ -150,7 +121,7 @@ fn a_job_migrates_twice_and_every_tick_appears_once() {
         "--api-socket",
         api_c.to_str().unwrap(),
     ]);
-    read_until(&mut b, &mut lines, "tick 7 ");
+    b.read_until(&mut lines, "tick 7 ", TIMEOUT);
     assert!(
         !listen_b.exists(),
         "B's listening socket is gone once it accepted"
@@ -164,13 +135,13 @@ fn a_job_migrates_twice_and_every_tick_appears_once() {
     let second = migrate(&api_b, &tcp);
     assert_eq!(second["to"], tcp.as_str(), "{second}");
     let (code, err, _) = b.wait_exit(Duration::from_secs(30));
-    drain(&mut b, &mut lines);
+    b.drain(&mut lines);
     assert_eq!(code, Some(175), "{err}");
     assert!(!api_b.exists());
     let moved_again_at = ticks(&lines).len();
 
     let (code, err, _) = c.wait_exit(TIMEOUT);
-    drain(&mut c, &mut lines);
+    c.drain(&mut lines);
     assert_eq!(code, Some(7), "the job's status: {err}");
     assert!(!api_c.exists());
     let ticks = ticks(&lines);
@@ -215,21 +186,21 @@ fn a_hugepage_guest_migrates_onto_hugepages_and_gives_them_back() {
     ]);
     let mut b = RunningVm::start(&["receive", "--listen", &to]);
     let mut lines = Vec::new();
-    read_until(&mut a, &mut lines, "tick 1 ");
+    a.read_until(&mut lines, "tick 1 ", TIMEOUT);
     assert_eq!(free_2m(), before - 128, "the sender holds its 128 pages");
     wait_for(&listen);
     migrate(&api, &to);
     let (code, err, _) = a.wait_exit(Duration::from_secs(30));
-    drain(&mut a, &mut lines);
+    a.drain(&mut lines);
     assert_eq!(code, Some(175), "{err}");
-    read_until(&mut b, &mut lines, "tick 3 ");
+    b.read_until(&mut lines, "tick 3 ", TIMEOUT);
     assert_eq!(
         free_2m(),
         before - 128,
         "the receiver holds 128, the sender none"
     );
     let (code, err, _) = b.wait_exit(TIMEOUT);
-    drain(&mut b, &mut lines);
+    b.drain(&mut lines);
     assert_eq!(code, Some(7), "{err}");
     assert_eq!(
         ticks(&lines).iter().map(|t| t.0).collect::<Vec<_>>(),
@@ -315,6 +286,14 @@ fn a_failed_migration_leaves_the_job_running_on_the_sender() {
     assert!(!api.exists());
 }
 
+/// Waits for the receiver `r` to exit with 176 saying `why`, its socket `listen` gone.
+fn ends_with_176(r: &mut RunningVm, listen: &Path, why: &str) {
+    let (code, err, _) = r.wait_exit(Duration::from_secs(30));
+    assert_eq!(code, Some(176), "{err}");
+    assert!(err.contains(why), "{err}");
+    assert!(!listen.exists(), "the listening socket is removed");
+}
+
 #[test]
 fn a_receiver_fed_garbage_or_stopped_while_waiting_leaves_nothing_behind() {
     // Garbage where the greeting belongs.
@@ -324,13 +303,11 @@ fn a_receiver_fed_garbage_or_stopped_while_waiting_leaves_nothing_behind() {
     wait_for(&listen);
     let mut s = std::os::unix::net::UnixStream::connect(&listen).unwrap();
     s.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
-    let (code, err, _) = r.wait_exit(Duration::from_secs(30));
-    assert_eq!(code, Some(176), "{err}");
-    assert!(
-        err.contains("The peer is not an hpcvm migration sender (bad magic)"),
-        "{err}"
+    ends_with_176(
+        &mut r,
+        &listen,
+        "The peer is not an hpcvm migration sender (bad magic)",
     );
-    assert!(!listen.exists(), "the listening socket is removed");
 
     // The right greeting, then a configuration cut short.
     let mut r = RunningVm::start(&["receive", "--listen", &to]);
@@ -343,25 +320,21 @@ fn a_receiver_fed_garbage_or_stopped_while_waiting_leaves_nothing_behind() {
     msg.extend_from_slice(b"{\"kernel\"");
     s.write_all(&msg).unwrap();
     drop(s);
-    let (code, err, _) = r.wait_exit(Duration::from_secs(30));
-    assert_eq!(code, Some(176), "{err}");
-    assert!(
-        err.contains("The migration stream failed while reading the configuration"),
-        "{err}"
+    ends_with_176(
+        &mut r,
+        &listen,
+        "The migration stream failed while reading the configuration",
     );
-    assert!(!listen.exists());
 
     // SIGTERM while waiting.
     let mut r = RunningVm::start(&["receive", "--listen", &to]);
     wait_for(&listen);
     signal(r.pid(), libc::SIGTERM);
-    let (code, err, _) = r.wait_exit(Duration::from_secs(30));
-    assert_eq!(code, Some(176), "{err}");
-    assert!(
-        err.contains("Stopped by SIGTERM while waiting for a migration"),
-        "{err}"
+    ends_with_176(
+        &mut r,
+        &listen,
+        "Stopped by SIGTERM while waiting for a migration",
     );
-    assert!(!listen.exists());
 
     // An address that is not one, and one already taken (nothing of it removed).
     let bad = run_hpcvm(&["receive", "--listen", "node7:4444"], TIMEOUT);

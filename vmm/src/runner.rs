@@ -46,6 +46,17 @@ pub struct RestoreHost {
 }
 
 impl RestoreHost {
+    /// The saved VM's configuration with this host's settings in place, refused if
+    /// such a VM cannot be restored (shares).
+    fn config_for(self, saved: &VmConfig) -> Result<VmConfig, Error> {
+        let mut config = saved.clone();
+        self.apply(&mut config)?;
+        if let Some(why) = crate::checkpoint::refusal(&config, 0) {
+            return Err(crate::checkpoint::CheckpointError::Refused(why).into());
+        }
+        Ok(config)
+    }
+
     fn apply(self, config: &mut crate::config::VmConfig) -> Result<(), Error> {
         config.control.api_socket = self.api_socket;
         config.control.checkpoint_on = self.checkpoint_on;
@@ -166,11 +177,7 @@ impl Vmm {
         options: RunOptions,
     ) -> Result<Self, Error> {
         let ck = crate::checkpoint::Checkpoint::read(dir)?;
-        let mut config = ck.state.config.clone();
-        host.apply(&mut config)?;
-        if let Some(why) = crate::checkpoint::refusal(&config, 0) {
-            return Err(crate::checkpoint::CheckpointError::Refused(why).into());
-        }
+        let config = host.config_for(&ck.state.config)?;
         crate::builder::build(
             &config,
             Vec::new(),
@@ -200,11 +207,7 @@ impl Vmm {
         let conn = listener.accept(signals.as_ref())?;
         drop(signals);
         let mut incoming = crate::migration::receive::Incoming::start(conn)?;
-        let mut config = incoming.config.clone();
-        let built = host.apply(&mut config).and_then(|()| {
-            if let Some(why) = crate::checkpoint::refusal(&config, 0) {
-                return Err(crate::checkpoint::CheckpointError::Refused(why).into());
-            }
+        let built = host.config_for(&incoming.config).and_then(|config| {
             crate::builder::build(
                 &config,
                 Vec::new(),

@@ -28,7 +28,8 @@ pub struct MemoryImage {
     pub crc: u32,
 }
 
-fn is_zero(page: &[u8]) -> bool {
+/// True if `page` is all zero bytes.
+pub(crate) fn is_zero(page: &[u8]) -> bool {
     page.chunks_exact(16)
         .all(|c| u128::from_ne_bytes(c.try_into().expect("16 bytes")) == 0)
 }

@@ -20,6 +20,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use super::wire::{self, Kind, MAX_PAGES, PAGE};
 use super::{Address, MigrationError};
+use crate::checkpoint::ram::is_zero;
 use crate::checkpoint::{Snapshotter, VmState};
 
 /// How long the last copy, with the guest paused, should take at the bandwidth
@@ -267,11 +268,6 @@ impl Drop for Sender<'_> {
             let _ = self.snap.vm.log_dirty_pages(&self.snap.mem, false);
         }
     }
-}
-
-fn is_zero(page: &[u8]) -> bool {
-    page.chunks_exact(16)
-        .all(|c| u128::from_ne_bytes(c.try_into().expect("16 bytes")) == 0)
 }
 
 /// The byte ranges of `buf` made of pages that are not all zero.
