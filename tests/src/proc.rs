@@ -3,7 +3,7 @@
 //! has a deadline so a hung guest fails the test instead of hanging CI.
 
 use std::io::{BufRead, BufReader, Read};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -124,8 +124,22 @@ fn spawn_program(program: &std::path::Path, args: &[&str]) -> Child {
 
 /// Starts `program ARGS` with `env` added, piped stdout/stderr and no stdin.
 fn spawn_program_env(program: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> Child {
-    Command::new(program)
-        .args(args)
+    spawn_in(program, args, env, None)
+}
+
+/// Starts `program ARGS` with `env` added, in `cwd` if given, piped stdout/stderr
+/// and no stdin.
+fn spawn_in(
+    program: &std::path::Path,
+    args: &[&str],
+    env: &[(&str, &str)],
+    cwd: Option<&std::path::Path>,
+) -> Child {
+    let mut cmd = Command::new(program);
+    if let Some(dir) = cwd {
+        cmd.current_dir(dir);
+    }
+    cmd.args(args)
         .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -165,7 +179,17 @@ impl RunningVm {
 
     /// Starts `hpcvm ARGS` with `env` added to its environment.
     pub fn start_env(args: &[&str], env: &[(&str, &str)]) -> Self {
-        let mut child = spawn_program_env(&hpcvm_bin(), args, env);
+        Self::start_with(args, env, None)
+    }
+
+    /// Starts `hpcvm ARGS` in the working directory `dir` (which `run` shares with
+    /// the guest by default).
+    pub fn start_in(dir: &std::path::Path, args: &[&str]) -> Self {
+        Self::start_with(args, &[], Some(dir))
+    }
+
+    fn start_with(args: &[&str], env: &[(&str, &str)], cwd: Option<&std::path::Path>) -> Self {
+        let mut child = spawn_in(&hpcvm_bin(), args, env, cwd);
         let out = child.stdout.take().expect("piped stdout");
         let (tx, lines) = mpsc::channel();
         std::thread::spawn(move || {
@@ -342,5 +366,35 @@ impl RunningVm {
             }
             std::thread::sleep(Duration::from_millis(2));
         }
+    }
+}
+
+/// virtiofsd processes serving `dir`.
+pub fn virtiofsds_for(dir: &Path) -> Vec<u32> {
+    let needle = dir.display().to_string();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            // A zombie waiting for init to reap it holds nothing.
+            cmd.contains("virtiofsd") && cmd.contains(&needle) && !state.contains(") Z ")
+        })
+        .collect()
+}
+
+/// Waits up to 5 s for every virtiofsd of `dir` to be gone.
+pub fn assert_no_virtiofsd(dir: &Path) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !virtiofsds_for(dir).is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "virtiofsd still serving {}: {:?}",
+            dir.display(),
+            virtiofsds_for(dir)
+        );
+        std::thread::sleep(Duration::from_millis(50));
     }
 }

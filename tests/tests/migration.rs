@@ -5,7 +5,8 @@
 //! migration that fails (nobody listening, a receiver that refuses the VM) leaves the
 //! job running on the sender; a receiver fed garbage or stopped while waiting says so
 //! and leaves nothing behind. A hugepage guest moves onto the receiver's hugepages and
-//! every page goes back to the pool.
+//! every page goes back to the pool. A job writing to its shared working directory
+//! moves with its open files.
 
 use std::io::Write;
 use std::path::Path;
@@ -284,6 +285,80 @@ fn a_failed_migration_leaves_the_job_running_on_the_sender() {
     let (code, err, _) = vm.wait_exit(TIMEOUT);
     assert_eq!(code, Some(3), "{err}");
     assert!(!api.exists());
+}
+
+/// A job in its shared working directory (`run`'s default share) writing a file it
+/// holds open: a migration refused by the receiver leaves the share serving on the
+/// sender, and a migration that succeeds hands virtiofsd's state to the receiver's,
+/// where the job carries on through the same open file and sees files made since.
+#[test]
+fn a_job_writing_to_its_shared_working_directory_migrates() {
+    let scratch = hpcvm_tests::scratch::Scratch::new("migration", "share");
+    let work = scratch.path("work");
+    std::fs::create_dir_all(&work).unwrap();
+    let api = socket_path("mig-share");
+    let refuse_at = socket_path("mig-share-refuse");
+    let listen = socket_path("mig-share-listen");
+    let job = "exec 3>>log; i=0; while [ $i -lt 12 ]; do echo line $i >&3; \
+         echo tick $i $(cut -d' ' -f1 /proc/uptime); i=$((i+1)); sleep 1; done; \
+         cat late.txt; exit 5";
+    let mut a = RunningVm::start_in(
+        &work,
+        &[
+            "run",
+            "--cpus",
+            "2",
+            "--api-socket",
+            api.to_str().unwrap(),
+            "--",
+            "sh",
+            "-c",
+            job,
+        ],
+    );
+    let mut lines = Vec::new();
+    a.read_until(&mut lines, "tick 1 ", TIMEOUT);
+    // Refused after the share's rings stopped: they start again on the sender.
+    let to = format!("unix:{}", refuse_at.display());
+    let mut refusing = RunningVm::start(&["receive", "--listen", &to, "--affinity", "0"]);
+    wait_for(&refuse_at);
+    let r = ctl(&api, &["migrate", &to]);
+    assert_eq!(r.code, Some(1), "{}", r.stdout);
+    assert!(r.stdout.contains("the VM runs on here"), "{}", r.stdout);
+    let (code, err, _) = refusing.wait_exit(Duration::from_secs(30));
+    assert_eq!(code, Some(174), "{err}");
+    a.read_until(&mut lines, "tick 4 ", TIMEOUT);
+
+    let to = format!("unix:{}", listen.display());
+    let mut b = RunningVm::start(&["receive", "--listen", &to]);
+    wait_for(&listen);
+    migrate(&api, &to);
+    let (code, err, _) = a.wait_exit(Duration::from_secs(30));
+    a.drain(&mut lines);
+    assert_eq!(code, Some(175), "{err}");
+    std::fs::write(
+        work.join("late.txt"),
+        "written on the host after the move\n",
+    )
+    .unwrap();
+    let (code, err, _) = b.wait_exit(TIMEOUT);
+    b.drain(&mut lines);
+    assert_eq!(code, Some(5), "the job's status: {err}");
+    assert_eq!(
+        ticks(&lines).iter().map(|t| t.0).collect::<Vec<_>>(),
+        (0..12).collect::<Vec<_>>(),
+        "every tick exactly once, in order: {lines:?}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l == "written on the host after the move"),
+        "{lines:?}"
+    );
+    let log = std::fs::read_to_string(work.join("log")).unwrap();
+    let expected = (0..12).map(|i| format!("line {i}\n")).collect::<String>();
+    assert_eq!(log, expected, "every line once, through the one open file");
+    hpcvm_tests::proc::assert_no_virtiofsd(&work);
 }
 
 /// Waits for the receiver `r` to exit with 176 saying `why`, its socket `listen` gone.

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use hpcvm_tests::hugepages;
 use hpcvm_tests::mkfs;
-use hpcvm_tests::proc::run_hpcvm;
+use hpcvm_tests::proc::{assert_no_virtiofsd, run_hpcvm, virtiofsds_for};
 use hpcvm_tests::scratch::Scratch;
 
 /// Boot, job and exit together; generous for software KVM, where a boot takes 20-60 s.
@@ -242,36 +242,6 @@ fn unusable_disks_and_images_are_refused_before_boot() {
         DISK,
         "is not a regular file or block device",
     );
-}
-
-/// virtiofsd processes serving `dir`.
-fn virtiofsds_for(dir: &Path) -> Vec<u32> {
-    let needle = dir.display().to_string();
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-            let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-            // A zombie waiting for init to reap it holds nothing.
-            cmd.contains("virtiofsd") && cmd.contains(&needle) && !state.contains(") Z ")
-        })
-        .collect()
-}
-
-/// Waits up to 5 s for every virtiofsd of `dir` to be gone.
-fn assert_no_virtiofsd(dir: &Path) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while !virtiofsds_for(dir).is_empty() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "virtiofsd still serving {}: {:?}",
-            dir.display(),
-            virtiofsds_for(dir)
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 #[test]

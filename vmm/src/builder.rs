@@ -163,7 +163,7 @@ pub(crate) fn build(
     let mut mmio = MmioBus::mmio();
     let mut passthrough = vfio::open(&vm.vm.fd, &host_devices)?;
     passthrough.extend(extra);
-    let refusal = checkpoint::refusal(config, passthrough.len());
+    let refusal = checkpoint::refusal(passthrough.len());
     let virtio = virtio_slots(config, disks, shares, (&out_fd, &err_fd))?;
     let pci = if passthrough.is_empty() && virtio.is_empty() {
         None

@@ -47,11 +47,11 @@ pub struct RestoreHost {
 
 impl RestoreHost {
     /// The saved VM's configuration with this host's settings in place, refused if
-    /// such a VM cannot be restored (shares).
+    /// such a VM cannot be restored (passthrough devices).
     fn config_for(self, saved: &VmConfig) -> Result<VmConfig, Error> {
         let mut config = saved.clone();
         self.apply(&mut config)?;
-        if let Some(why) = crate::checkpoint::refusal(&config, 0) {
+        if let Some(why) = crate::checkpoint::refusal(config.devices.len()) {
             return Err(crate::checkpoint::CheckpointError::Refused(why).into());
         }
         Ok(config)

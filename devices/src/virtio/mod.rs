@@ -151,6 +151,17 @@ pub trait VirtioDevice: Send {
     fn process(&mut self, index: usize, queues: &mut DeviceQueues<'_>);
     /// The driver reset the device: forget everything negotiated.
     fn reset(&mut self) {}
+    /// A checkpoint or migration begins: whatever serves the queues outside hpcvm (a
+    /// vhost-user backend) stops and hands over its state, so that until
+    /// [`Self::resume`] only the vCPUs write guest RAM. Err says why it cannot.
+    fn quiesce(&mut self) -> Result<(), String> {
+        Ok(())
+    }
+    /// The checkpoint is written or the migration failed: what [`Self::quiesce`]
+    /// stopped carries on where it stopped.
+    fn resume(&mut self, _ctx: ActivateContext<'_>) -> Result<(), String> {
+        Ok(())
+    }
     /// What the device model holds beyond its queues, for a checkpoint; Err says
     /// why this device cannot be checkpointed.
     fn state(&self) -> Result<DeviceState, String> {
@@ -174,6 +185,36 @@ pub enum DeviceState {
     },
     /// The console.
     Console(console::ConsoleState),
+    /// A virtio-fs share served by a vhost-user backend (virtiofsd).
+    Fs(FsState),
+}
+
+/// A share's backend as a checkpoint holds it: where its rings stopped and what it
+/// said of itself (virtiofsd: the guest's inodes and open files, by path).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FsState {
+    /// Each queue's next available index, where the backend stopped; empty if the
+    /// driver had not started the device.
+    pub bases: Vec<u16>,
+    /// The backend's own state, as it sent it (vhost-user SET_DEVICE_STATE_FD).
+    #[serde(with = "base64_bytes")]
+    pub backend: Vec<u8>,
+}
+
+/// Bytes as one base64 string (a JSON array of numbers would be four times larger).
+mod base64_bytes {
+    use base64::engine::general_purpose::STANDARD;
+    use base64::Engine;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&STANDARD.encode(bytes))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let text = String::deserialize(d)?;
+        STANDARD.decode(text).map_err(serde::de::Error::custom)
+    }
 }
 
 /// Reads `data.len()` bytes at `offset` of a little-endian configuration `space`;

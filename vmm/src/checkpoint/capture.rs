@@ -40,6 +40,19 @@ pub struct Snapshotter {
     pub refusal: Option<String>,
 }
 
+/// The virtio devices held still for a checkpoint or migration (see
+/// [`Snapshotter::hold_devices`]); dropping it restarts their backends (not those
+/// of devices handed over to a migration's receiver) and unlocks them.
+pub struct HeldDevices<'a>(pub Vec<MutexGuard<'a, VirtioPciDevice>>);
+
+impl Drop for HeldDevices<'_> {
+    fn drop(&mut self) {
+        for d in self.0.iter_mut() {
+            d.resume_backend();
+        }
+    }
+}
+
 /// What a checkpoint wrote.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Written {
@@ -60,10 +73,16 @@ impl Snapshotter {
         }
     }
 
-    /// Locks every virtio device: the device thread stops, and nothing but the vCPUs
-    /// writes guest RAM until the guards are dropped.
-    pub fn lock_devices(&self) -> Vec<MutexGuard<'_, VirtioPciDevice>> {
-        self.virtio.iter().map(|d| lock(d)).collect()
+    /// Locks every virtio device (the device thread stops) and stops what serves
+    /// queues from another process (a share's virtiofsd), which hands over its
+    /// state: nothing but the vCPUs writes guest RAM until the guard is dropped.
+    /// Err (a backend that cannot stop) leaves every device as it was.
+    pub fn hold_devices(&self) -> Result<HeldDevices<'_>, CheckpointError> {
+        let mut held = HeldDevices(self.virtio.iter().map(|d| lock(d)).collect());
+        for d in held.0.iter_mut() {
+            d.quiesce().map_err(CheckpointError::Refused)?;
+        }
+        Ok(held)
     }
 
     /// The paused VM's state with its devices locked: with `drain`, the queues are
@@ -141,8 +160,8 @@ impl Snapshotter {
             _ => {}
         }
         let started = Instant::now();
-        let mut devices = self.lock_devices();
-        let mut state = self.capture(&mut devices, true, save_vcpus)?;
+        let mut devices = self.hold_devices()?;
+        let mut state = self.capture(&mut devices.0, true, save_vcpus)?;
         let memory = ram::save(&self.mem, &dir.join(MEMORY_FILE))?;
         state.memory = memory;
         let payload = serde_json::to_vec(&state).map_err(|e| CheckpointError::Kvm {

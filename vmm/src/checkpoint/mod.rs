@@ -182,20 +182,13 @@ impl Checkpoint {
     }
 }
 
-/// Why a VM built from `config` with `passthrough` devices cannot be checkpointed.
-pub fn refusal(config: &VmConfig, passthrough: usize) -> Option<String> {
+/// Why a VM with `passthrough` devices cannot be checkpointed. (A share's
+/// virtiofsd hands over its state; see [`crate::virtio::fs`].)
+pub fn refusal(passthrough: usize) -> Option<String> {
     if passthrough > 0 {
         return Some(
             "it has passthrough (VFIO) devices, whose state cannot be saved; run it \
              without --device to checkpoint or migrate it"
-                .into(),
-        );
-    }
-    if !config.shares.is_empty() {
-        return Some(
-            "it has virtio-fs shares (--share, or the working directory), whose \
-             virtiofsd state cannot be saved yet; run it with --no-share-cwd and no \
-             --share to checkpoint or migrate it"
                 .into(),
         );
     }

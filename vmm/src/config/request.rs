@@ -309,7 +309,7 @@ fn config_from(args: RunRequest) -> Result<VmConfig, CliError> {
     let cfg = cfg().map_err(|e| e.to_string())?;
     if let Some(on) = &checkpoint_on {
         // Found out now, not when the scheduler's signal comes and the job is lost.
-        if let Some(why) = crate::checkpoint::refusal(&cfg, cfg.devices.len()) {
+        if let Some(why) = crate::checkpoint::refusal(cfg.devices.len()) {
             return Err(format!(
                 "--checkpoint-on {}: cannot checkpoint this VM: {why}",
                 crate::control::signals::name(on.signal)

@@ -38,7 +38,14 @@ impl Controller {
         let started = Instant::now();
         let mut sender = Sender::connect(to, snap).map_err(|e| e.to_string())?;
         let was_paused = self.paused();
-        let mut devices = snap.lock_devices();
+        let mut devices = match snap.hold_devices() {
+            Ok(held) => held,
+            Err(e) => {
+                let e = e.to_string();
+                sender.abort(&e);
+                return Err(e);
+            }
+        };
         let copied = (|| {
             let pending = sender
                 .precopy()
@@ -50,7 +57,7 @@ impl Controller {
             let n = self.vcpus.len();
             let shared = self.shared.clone();
             let state = snap
-                .capture(&mut devices, false, || {
+                .capture(&mut devices.0, false, || {
                     shared.save_parked(n, CHECKPOINT_VCPU_TIMEOUT)
                 })
                 .map_err(|e| e.to_string())?;
@@ -72,7 +79,7 @@ impl Controller {
         };
         if gone.is_ok() {
             // The receiver serves the queues from here on.
-            for d in devices.iter_mut() {
+            for d in devices.0.iter_mut() {
                 d.hand_over();
             }
         }

@@ -190,6 +190,10 @@ const CONTROL: &[libc::c_long] = &[
     libc::SYS_socket,
     libc::SYS_connect,
     libc::SYS_setsockopt,
+    // The pipe a share's virtiofsd sends its state through, and, when its rings
+    // restart, a loose interrupt eventfd for a queue the driver gave no vector.
+    libc::SYS_pipe2,
+    libc::SYS_eventfd2,
 ];
 
 /// The ioctls a vCPU thread may make, by request number.

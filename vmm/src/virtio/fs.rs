@@ -7,6 +7,10 @@
 //! ends it, and is killed and reaped when the VM is torn down. If it ends first, the
 //! device thread (watching its pidfd) takes the queues back and fails every request
 //! with EIO ([`devices::virtio::fs_failed`]), so the job gets I/O errors, not a hang.
+//! For a checkpoint or migration virtiofsd stops its rings and hands over its state
+//! ([`state`]).
+
+mod state;
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::linux::net::SocketAddrExt;
@@ -85,6 +89,8 @@ struct Backend {
     /// Readable once virtiofsd has ended (None where the kernel has no pidfds).
     pidfd: Option<OwnedFd>,
     frontend: Frontend,
+    /// The protocol features acknowledged.
+    protocol: VhostUserProtocolFeatures,
     /// It ended during the run and the device serves the queues itself (and the
     /// error has been printed).
     ended: bool,
@@ -112,6 +118,14 @@ pub struct Fs {
     config: Vec<u8>,
     backend: Backend,
     backend_features: u64,
+    /// Which rings virtiofsd serves now.
+    running: Vec<bool>,
+    /// Where its rings stopped, while quiesced for a checkpoint or migration.
+    stopped: Option<Vec<u16>>,
+    /// What it handed over then.
+    saved: Option<Vec<u8>>,
+    /// The state a restored device gives its new virtiofsd when the rings start.
+    incoming: Option<devices::virtio::FsState>,
 }
 
 impl Fs {
@@ -221,9 +235,14 @@ impl Fs {
                 child,
                 pidfd,
                 frontend,
+                protocol: VhostUserProtocolFeatures::empty(),
                 ended: false,
             },
             backend_features,
+            running: vec![false; 2],
+            stopped: None,
+            saved: None,
+            incoming: None,
         })
     }
 
@@ -237,16 +256,21 @@ impl Fs {
         self.backend.child.exited()
     }
 
-    fn setup(&mut self, features: u64, ctx: &ActivateContext<'_>) -> vhost::Result<()> {
+    /// Features, protocol features (the device-state transfer too, when offered)
+    /// and guest RAM.
+    fn negotiate(&mut self, features: u64, ctx: &ActivateContext<'_>) -> vhost::Result<()> {
         let f = &mut self.backend.frontend;
         let mut acked = features & self.backend_features;
         if self.backend_features & F_PROTOCOL_FEATURES != 0 {
             acked |= F_PROTOCOL_FEATURES;
         }
         f.set_features(acked)?;
+        self.backend.protocol = VhostUserProtocolFeatures::empty();
         if acked & F_PROTOCOL_FEATURES != 0 {
             let offered = f.get_protocol_features()?;
-            f.set_protocol_features(offered & VhostUserProtocolFeatures::MQ)?;
+            let wanted = VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::DEVICE_STATE;
+            f.set_protocol_features(offered & wanted)?;
+            self.backend.protocol = offered & wanted;
         }
         let regions = ctx
             .mem
@@ -254,6 +278,13 @@ impl Fs {
             .map(VhostUserMemoryRegionInfo::from_guest_region)
             .collect::<vhost::Result<Vec<_>>>()?;
         f.set_mem_table(&regions)?;
+        Ok(())
+    }
+
+    /// Hands virtiofsd the ready queues, each carrying on from `bases` (where it
+    /// stopped; 0 for a fresh start).
+    fn start_rings(&mut self, ctx: &ActivateContext<'_>, bases: &[u16]) -> vhost::Result<()> {
+        let f = &mut self.backend.frontend;
         let host = |gpa: u64| {
             ctx.mem
                 .get_host_address(GuestAddress(gpa))
@@ -275,14 +306,29 @@ impl Fs {
                 log_addr: None,
             };
             f.set_vring_addr(i, &cfg)?;
-            f.set_vring_base(i, 0)?;
+            f.set_vring_base(i, bases.get(i).copied().unwrap_or(0))?;
             f.set_vring_call(i, &ctx.calls[i])?;
             f.set_vring_kick(i, &ctx.kicks[i])?;
-            if acked & F_PROTOCOL_FEATURES != 0 {
+            if self.backend_features & F_PROTOCOL_FEATURES != 0 {
                 f.set_vring_enable(i, true)?;
+            }
+            if let Some(r) = self.running.get_mut(i) {
+                *r = true;
             }
         }
         Ok(())
+    }
+
+    /// `what` failed with `e`: the message, with virtiofsd's exit status if it ended.
+    fn failed(&mut self, what: &str, e: impl std::fmt::Display) -> String {
+        let status = self
+            .exited()
+            .map(|s| format!(" (virtiofsd exited: {s})"))
+            .unwrap_or_default();
+        format!(
+            "{what} with virtiofsd for {}: {e}{status}",
+            self.dir.display()
+        )
     }
 }
 
@@ -341,16 +387,17 @@ impl VirtioDevice for Fs {
         if self.backend.ended {
             return Err(format!("virtiofsd for {} has ended", self.dir.display()));
         }
-        self.setup(features, &ctx).map_err(|e| {
-            let status = self
-                .exited()
-                .map(|s| format!(" (virtiofsd exited: {s})"))
-                .unwrap_or_default();
-            format!(
-                "vhost-user setup with virtiofsd for {}: {e}{status}",
-                self.dir.display()
-            )
-        })
+        self.negotiate(features, &ctx)
+            .map_err(|e| self.failed("vhost-user setup", e))?;
+        let bases = match self.incoming.take() {
+            Some(state) => {
+                self.load(&state.backend)?;
+                state.bases
+            }
+            None => Vec::new(),
+        };
+        self.start_rings(&ctx, &bases)
+            .map_err(|e| self.failed("vhost-user setup", e))
     }
 
     fn serves_own_queues(&self) -> bool {
@@ -386,12 +433,28 @@ impl VirtioDevice for Fs {
     }
 
     fn reset(&mut self) {
+        self.stopped = None;
+        self.saved = None;
+        self.incoming = None;
         if self.backend.ended {
             return;
         }
-        let f = &mut self.backend.frontend;
-        for i in 0..2 {
-            let _ = f.get_vring_base(i);
-        }
+        self.stop_rings();
+    }
+
+    fn quiesce(&mut self) -> Result<(), String> {
+        self.quiesce_backend()
+    }
+
+    fn resume(&mut self, ctx: ActivateContext<'_>) -> Result<(), String> {
+        self.resume_backend(&ctx)
+    }
+
+    fn state(&self) -> Result<devices::virtio::DeviceState, String> {
+        self.backend_state()
+    }
+
+    fn restore(&mut self, state: &devices::virtio::DeviceState) -> Result<(), String> {
+        self.restore_backend(state)
     }
 }

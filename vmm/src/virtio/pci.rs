@@ -353,16 +353,7 @@ impl VirtioPciDevice {
     /// Activates the device model with the queues and the eventfds each queue
     /// notifies and interrupts through.
     fn start_device(&mut self) -> Result<(), String> {
-        let vectors = lock(&self.irq.queue_vector).clone();
-        let calls = vectors
-            .iter()
-            .map(|&v| match self.vectors.get(usize::from(v)) {
-                Some(vec) => vec.evt.try_clone(),
-                // No vector: interrupts go nowhere.
-                None => EventFd::new(EFD_NONBLOCK),
-            })
-            .collect::<std::io::Result<Vec<_>>>()
-            .map_err(|e| format!("interrupt eventfds: {e}"))?;
+        let calls = self.calls()?;
         let ctx = devices::virtio::ActivateContext {
             mem: &self.mem,
             queues: &self.queues,
@@ -370,6 +361,52 @@ impl VirtioPciDevice {
             calls,
         };
         self.dev.activate(self.driver_features, ctx)
+    }
+
+    /// Each queue's interrupt eventfd (its vector's irqfd; a loose one where the
+    /// queue has no vector: interrupts go nowhere).
+    fn calls(&self) -> Result<Vec<EventFd>, String> {
+        let vectors = lock(&self.irq.queue_vector).clone();
+        vectors
+            .iter()
+            .map(|&v| match self.vectors.get(usize::from(v)) {
+                Some(vec) => vec.evt.try_clone(),
+                None => EventFd::new(EFD_NONBLOCK),
+            })
+            .collect::<std::io::Result<Vec<_>>>()
+            .map_err(|e| format!("interrupt eventfds: {e}"))
+    }
+
+    /// A checkpoint or migration begins: a backend serving the active device's
+    /// queues from another process stops and hands over its state (see
+    /// [`VirtioDevice::quiesce`]). Err names the device and why it cannot.
+    pub fn quiesce(&mut self) -> Result<(), String> {
+        if !self.active {
+            return Ok(());
+        }
+        self.dev
+            .quiesce()
+            .map_err(|e| format!("{}: {e}", self.name))
+    }
+
+    /// The checkpoint is written or the migration failed: what [`Self::quiesce`]
+    /// stopped carries on (nothing for a device handed over, or never started).
+    pub fn resume_backend(&mut self) {
+        if !self.active {
+            return;
+        }
+        let resumed = self.calls().and_then(|calls| {
+            let ctx = devices::virtio::ActivateContext {
+                mem: &self.mem,
+                queues: &self.queues,
+                kicks: &self.notify,
+                calls,
+            };
+            self.dev.resume(ctx)
+        });
+        if let Err(e) = resumed {
+            log::error!("{}: cannot carry on after the checkpoint: {e}", self.name);
+        }
     }
 
     fn update_vector(&mut self, v: usize) {
