@@ -284,19 +284,25 @@ fn time_limit_reaches_the_guest_job_as_sigterm() {
 /// reached 2 (`scancel --signal=USR1`, the delivery `sbatch --signal=USR1@T` uses),
 /// hpcvm checkpoints and stops with 173, the script requeues the job, and the requeued
 /// run resumes the VM from D: every tick appears exactly once in the (appended) job
-/// output, and the job ends with the guest job's status 7 after one restart. Real guest.
+/// output, and the job ends with the guest job's status 7 after one restart. The VM
+/// shares the job's working directory (the default), whose virtiofsd hands its state
+/// across the requeue. Real guest.
 #[test]
 fn sigusr1_checkpoints_and_the_requeued_job_resumes_the_vm() {
     let (c, _serial) = cluster();
     require_real_guest();
     let ck = job_file(c, "requeue.ckpt");
     let status = job_file(c, "requeue.status");
+    let work = job_file(c, "requeue.work");
     let _ = std::fs::remove_dir_all(&ck);
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work).unwrap();
     let _ = std::fs::remove_file(&status);
     let body = format!(
-        "srun {hpcvm} run --from-allocation --no-share-cwd --status-file {status} \
+        "srun {hpcvm} run --from-allocation --status-file {status} \
          --checkpoint-on SIGUSR1 --checkpoint-dir {ck} --resume-from {ck} -- \
-         /bin/sh -c 'i=0; while [ $i -lt 6 ]; do i=$((i+1)); echo tick $i; sleep 1; done; exit 7'\n\
+         /bin/sh -c 'exec 3>>ticks.txt; i=0; while [ $i -lt 6 ]; do i=$((i+1)); echo tick $i; \
+         echo tick $i >&3; sleep 1; done; exit 7'\n\
          rc=$?\n\
          echo \"hpcvm exited $rc (restart ${{SLURM_RESTART_COUNT:-0}})\"\n\
          if [ $rc = 173 ]; then scontrol requeue $SLURM_JOB_ID; fi\n\
@@ -307,7 +313,14 @@ fn sigusr1_checkpoints_and_the_requeued_job_resumes_the_vm() {
     );
     let (id, out) = sbatch(
         c,
-        &["-c", "2", "--mem=320M", "--requeue", "--open-mode=append"],
+        &[
+            "-c",
+            "2",
+            "--mem=320M",
+            "--requeue",
+            "--open-mode=append",
+            &format!("--chdir={}", work.display()),
+        ],
         "requeue",
         &body,
     );
@@ -341,6 +354,13 @@ fn sigusr1_checkpoints_and_the_requeued_job_resumes_the_vm() {
         text.contains("hpcvm: resuming the VM checkpointed in"),
         "{text}"
     );
+    // Written through one open file in the shared working directory, across the requeue.
+    let shared = read(&work.join("ticks.txt"));
+    let expected: String = (1..=6).map(|n| format!("tick {n}\n")).collect();
+    assert_eq!(
+        shared, expected,
+        "ticks.txt in the shared working directory"
+    );
     let json = read(&status);
     assert!(
         json.contains(r#""exit_code":7"#) && json.contains(r#""source":"job""#),
@@ -359,4 +379,5 @@ fn sigusr1_checkpoints_and_the_requeued_job_resumes_the_vm() {
     );
     assert_no_hpcvm_left(&marker());
     let _ = std::fs::remove_dir_all(&ck);
+    let _ = std::fs::remove_dir_all(&work);
 }
