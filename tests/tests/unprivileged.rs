@@ -146,4 +146,51 @@ fn the_main_paths_work_as_an_ordinary_user_in_the_kvm_group() {
     );
     assert_eq!(code, Some(0), "{out} {err}");
     assert_eq!(out, "0\nroot\n", "{err}");
+
+    // Checkpointed and restored by the user, the share's unprivileged virtiofsd
+    // handing over the file the job holds open: the job carries on writing it.
+    let sock = u.path("ck.sock");
+    let ck = u.path("ck");
+    let job = "exec 3>>log; i=0; while [ $i -lt 6 ]; do echo line $i >&3; echo tick $i; \
+         i=$((i+1)); sleep 1; done; exit 5";
+    let mut vm = u.spawn(
+        &[
+            "run",
+            "--api-socket",
+            sock.to_str().unwrap(),
+            "--",
+            "sh",
+            "-c",
+            job,
+        ],
+        true,
+    );
+    let log = u.path("log");
+    wait_for(
+        || std::fs::read_to_string(&log).is_ok_and(|t| t.contains("line 1")),
+        "the job's second line",
+    );
+    let (code, out, err) = u.run(
+        &[
+            "ctl",
+            "--api-socket",
+            sock.to_str().unwrap(),
+            "checkpoint",
+            ck.to_str().unwrap(),
+            "--stop",
+        ],
+        true,
+    );
+    assert_eq!(code, Some(0), "{out} {err}");
+    assert_eq!(vm.wait().unwrap().code(), Some(173));
+    assert_eq!(
+        owner(&ck.join("vm.state")),
+        u.uid,
+        "the checkpoint is the user's"
+    );
+    let (code, _, err) = u.run(&["restore", ck.to_str().unwrap()], true);
+    assert_eq!(code, Some(5), "{err}");
+    let want: String = (0..6).map(|i| format!("line {i}\n")).collect();
+    assert_eq!(std::fs::read_to_string(&log).unwrap(), want, "{err}");
+    assert_eq!(owner(&log), u.uid);
 }

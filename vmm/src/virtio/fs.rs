@@ -190,14 +190,24 @@ impl Fs {
                     return Err(std::io::Error::last_os_error());
                 }
                 libc::setpgid(0, 0);
-                // Stop signals are hpcvm's to handle (a batch system sends SIGTERM to
-                // every process of the job, and virtiofsd exits on it): the guest's
-                // files must stay served until the guest is gone. They stay blocked
-                // across exec (virtiofsd installs handlers but keeps the mask);
-                // SIGKILL, hpcvm's death or the end of the connection still end it.
+                // Stop and warning signals are hpcvm's to handle (a batch system
+                // signals every process of the job step: SIGTERM to end it, SIGUSR1
+                // ahead of a time limit (`sbatch --signal`) to have it checkpoint,
+                // and virtiofsd would die of either): the guest's files must stay
+                // served until the guest is gone. They stay blocked across exec
+                // (virtiofsd installs handlers but keeps the mask); SIGKILL, hpcvm's
+                // death or the end of the connection still end it.
                 let mut held: libc::sigset_t = std::mem::zeroed();
                 libc::sigemptyset(&mut held);
-                for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+                for sig in [
+                    libc::SIGTERM,
+                    libc::SIGINT,
+                    libc::SIGHUP,
+                    libc::SIGQUIT,
+                    libc::SIGUSR1,
+                    libc::SIGUSR2,
+                    libc::SIGALRM,
+                ] {
                     libc::sigaddset(&mut held, sig);
                 }
                 libc::sigprocmask(libc::SIG_SETMASK, &held, std::ptr::null_mut());
