@@ -75,6 +75,15 @@ pub(crate) fn build(
         .enumerate()
         .map(|(i, s)| virtio::fs::Fs::start(s, i, config.seccomp))
         .collect::<Result<Vec<_>, _>>()?;
+    if config.control.checkpoint_on.is_some() {
+        // Found out now, not when the scheduler's signal comes and the job is lost.
+        if let Some(fs) = shares.iter().find(|f| f.hand_over_refusal().is_some()) {
+            return Err(virtio::fs::ShareError::NoHandOver {
+                dir: fs.dir().to_path_buf(),
+            }
+            .into());
+        }
+    }
     let signals = if options.signals {
         // Before any thread exists, so that SIGTERM/SIGINT only reach the control loop.
         control::signals::block_stop_signals().map_err(io_err("blocking SIGTERM/SIGINT"))?;
@@ -163,7 +172,8 @@ pub(crate) fn build(
     let mut mmio = MmioBus::mmio();
     let mut passthrough = vfio::open(&vm.vm.fd, &host_devices)?;
     passthrough.extend(extra);
-    let refusal = checkpoint::refusal(passthrough.len());
+    let refusal = checkpoint::refusal(passthrough.len())
+        .or_else(|| shares.iter().find_map(virtio::fs::Fs::hand_over_refusal));
     let virtio = virtio_slots(config, disks, shares, (&out_fd, &err_fd))?;
     let pci = if passthrough.is_empty() && virtio.is_empty() {
         None

@@ -276,6 +276,11 @@ impl Vmm {
             options_slice,
         } = self;
         drop(handle);
+        // A restored VM's devices look at their queues now that it is this
+        // process's to run (a migration's sender has let go).
+        for d in pci.iter().flat_map(PciBus::virtio_devices) {
+            devices::lock(&d).kick_restored();
+        }
         let gate = Arc::new(StartGate::default());
         let mut handles = Vec::with_capacity(vcpus.len());
         for vcpu in vcpus {

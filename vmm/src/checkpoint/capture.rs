@@ -138,9 +138,13 @@ impl Snapshotter {
     /// guest queued is pending; then `save_vcpus` has the parked vCPUs save
     /// themselves (interrupts the last pass raised are in their LAPICs by then),
     /// then the machine, the devices and RAM are saved, and the state file last.
+    /// With `stop` (the VM ends once it is written) the devices serve nothing more,
+    /// a share's virtiofsd included: what the guest queued past the checkpoint is
+    /// for the restored VM to do, not this one too.
     pub fn write(
         &self,
         dir: &Path,
+        stop: bool,
         save_vcpus: impl FnOnce() -> Result<Vec<VcpuState>, String>,
     ) -> Result<Written, CheckpointError> {
         self.refused()?;
@@ -169,6 +173,11 @@ impl Snapshotter {
             error: format!("encoding: {e}"),
         })?;
         format::write(&dir.join(STATE_FILE), &payload)?;
+        if stop {
+            for d in devices.0.iter_mut() {
+                d.hand_over();
+            }
+        }
         // Held to the end: stdin read now would be missing from the checkpoint.
         drop(devices);
         Ok(Written {

@@ -398,7 +398,7 @@ impl Controller {
             .snapshot
             .as_ref()
             .expect("checked above")
-            .write(dir, || shared.save_parked(n, CHECKPOINT_VCPU_TIMEOUT));
+            .write(dir, stop, || shared.save_parked(n, CHECKPOINT_VCPU_TIMEOUT));
         let result = match written {
             Ok(w) => {
                 if stop {

@@ -36,6 +36,9 @@ const VIRTIO_ID_FS: u32 = 26;
 const QUEUE_SIZE: u16 = 256;
 /// Bytes of the tag field in the config space.
 const TAG_LEN: usize = 36;
+/// How long virtiofsd may take to answer a vhost-user request: GET_VRING_BASE
+/// waits for the request in hand, which on a slow network file system may be long.
+const REPLY_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
 /// vhost-user's own feature bit: protocol features are negotiated.
 const F_PROTOCOL_FEATURES: u64 = 1 << 30;
 
@@ -55,6 +58,12 @@ pub enum ShareError {
     NoVirtiofsd {
         /// What else to try.
         hint: &'static str,
+    },
+    /// `--checkpoint-on` asked for, and this virtiofsd cannot hand over its state.
+    #[error("--checkpoint-on: cannot checkpoint this VM: the virtiofsd serving {dir} cannot hand over its state (vhost-user DEVICE_STATE); install a virtiofsd with migration support (its --help lists --migration-mode; `cargo install virtiofsd`) or set HPCVM_VIRTIOFSD to one")]
+    NoHandOver {
+        /// The directory.
+        dir: PathBuf,
     },
     /// virtiofsd could not be started or did not answer.
     #[error("Cannot start virtiofsd for {dir}: {reason}")]
@@ -118,6 +127,8 @@ pub struct Fs {
     config: Vec<u8>,
     backend: Backend,
     backend_features: u64,
+    /// virtiofsd offers to hand over its state (vhost-user DEVICE_STATE).
+    hands_over: bool,
     /// Which rings virtiofsd serves now.
     running: Vec<bool>,
     /// Where its rings stopped, while quiesced for a checkpoint or migration.
@@ -225,14 +236,24 @@ impl Fs {
         let child = ChildGuard(child);
         // The connection waits in the backlog until virtiofsd accepts it.
         let stream = UnixStream::connect_addr(&addr).map_err(|e| start(format!("connect: {e}")))?;
+        // A virtiofsd that does not answer is treated as gone rather than hang the
+        // thread that asked (a vCPU, or the control thread stopping its rings).
+        stream
+            .set_read_timeout(Some(REPLY_WAIT))
+            .map_err(|e| start(format!("socket timeout: {e}")))?;
         drop(listener);
-        let frontend = Frontend::from_stream(stream, 2);
+        let mut frontend = Frontend::from_stream(stream, 2);
         frontend
             .set_owner()
             .map_err(|e| start(format!("vhost-user SET_OWNER: {e} (did virtiofsd start?)")))?;
         let backend_features = frontend
             .get_features()
             .map_err(|e| start(format!("vhost-user GET_FEATURES: {e}")))?;
+        let hands_over = backend_features & F_PROTOCOL_FEATURES != 0
+            && frontend
+                .get_protocol_features()
+                .map_err(|e| start(format!("vhost-user GET_PROTOCOL_FEATURES: {e}")))?
+                .contains(VhostUserProtocolFeatures::DEVICE_STATE);
         let mut config = vec![0u8; TAG_LEN + 4];
         let tag = share.tag.as_bytes();
         config[..tag.len().min(TAG_LEN)].copy_from_slice(&tag[..tag.len().min(TAG_LEN)]);
@@ -249,6 +270,7 @@ impl Fs {
                 ended: false,
             },
             backend_features,
+            hands_over,
             running: vec![false; 2],
             stopped: None,
             saved: None,
@@ -259,6 +281,18 @@ impl Fs {
     /// The shared host directory.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Why this share's VM cannot be checkpointed or migrated, if it cannot.
+    pub fn hand_over_refusal(&self) -> Option<String> {
+        (!self.hands_over).then(|| {
+            format!(
+                "the virtiofsd serving {} cannot hand over its state (vhost-user \
+                 DEVICE_STATE): checkpointing or migrating a VM with shares needs a \
+                 virtiofsd with migration support (its --help lists --migration-mode)",
+                self.dir.display()
+            )
+        })
     }
 
     /// virtiofsd's exit status, if it has exited.
@@ -449,7 +483,8 @@ impl VirtioDevice for Fs {
         if self.backend.ended {
             return;
         }
-        self.stop_rings();
+        // virtiofsd gone or stuck: nothing serves the rings either way.
+        let _ = self.stop_rings();
     }
 
     fn quiesce(&mut self) -> Result<(), String> {

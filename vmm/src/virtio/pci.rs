@@ -99,6 +99,8 @@ pub struct VirtioPciDevice {
     vectors: Vec<MsixVector>,
     irq: Arc<Irq>,
     active: bool,
+    /// Restored: each queue is looked at once when the VM starts running.
+    kick_on_run: bool,
 }
 
 fn vm_io(what: &'static str) -> impl FnOnce(std::io::Error) -> VmError {
@@ -160,6 +162,7 @@ impl VirtioPciDevice {
                 queue_vector: Mutex::new(vec![NO_VECTOR; sizes.len()]),
             }),
             active: false,
+            kick_on_run: false,
         };
         d.register_ioevents()?;
         Ok(d)
@@ -234,9 +237,9 @@ impl VirtioPciDevice {
         self.active
     }
 
-    /// The VM went on in another process (a live migration): this copy of the
-    /// device serves its queues and input no more, so that nothing the guest queued
-    /// is done twice.
+    /// The VM goes on in another process (a live migration's receiver, or the
+    /// restore of a checkpoint it stopped at): this copy of the device serves its
+    /// queues and input no more, so that nothing the guest queued is done twice.
     pub fn hand_over(&mut self) {
         self.active = false;
     }
@@ -404,8 +407,28 @@ impl VirtioPciDevice {
             };
             self.dev.resume(ctx)
         });
-        if let Err(e) = resumed {
-            log::error!("{}: cannot carry on after the checkpoint: {e}", self.name);
+        match resumed {
+            // A kick the backend took just before its rings stopped may not have
+            // been acted on: each queue is looked at once more.
+            Ok(()) if self.dev.serves_own_queues() => self.kick_all(),
+            Ok(()) => {}
+            Err(e) => log::error!("{}: cannot carry on after the checkpoint: {e}", self.name),
+        }
+    }
+
+    /// A restored device looks at each of its queues once, for what the driver
+    /// queued before the checkpoint or during a migration; called when the VM starts
+    /// running, not before: a migration's receiver must not act on anything the
+    /// guest asked for until the sender has let go of the VM.
+    pub fn kick_restored(&mut self) {
+        if std::mem::take(&mut self.kick_on_run) {
+            self.kick_all();
+        }
+    }
+
+    fn kick_all(&self) {
+        for evt in &self.notify {
+            let _ = evt.write(1);
         }
     }
 

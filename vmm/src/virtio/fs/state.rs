@@ -26,17 +26,22 @@ const STATE_WAIT: Duration = Duration::from_secs(60);
 
 impl Fs {
     /// Stops every ring virtiofsd serves; where each stopped (0 where none ran).
-    pub(super) fn stop_rings(&mut self) -> Vec<u16> {
+    /// Err: virtiofsd did not answer (gone, or stuck past the reply timeout).
+    pub(super) fn stop_rings(&mut self) -> vhost::Result<Vec<u16>> {
         let mut bases = vec![0; self.running.len()];
+        let mut failed = None;
         for (i, running) in self.running.iter_mut().enumerate() {
             if std::mem::take(running) {
-                // A failure means virtiofsd is gone: nothing serves the ring either.
-                if let Ok(base) = self.backend.frontend.get_vring_base(i) {
-                    bases[i] = base as u16;
+                match self.backend.frontend.get_vring_base(i) {
+                    Ok(base) => bases[i] = base as u16,
+                    Err(e) => failed = Some(e),
                 }
             }
         }
-        bases
+        match failed {
+            None => Ok(bases),
+            Some(e) => Err(e),
+        }
     }
 
     /// Stops the rings and takes virtiofsd's state (see the module comment).
@@ -48,20 +53,31 @@ impl Fs {
                 self.dir.display()
             ));
         }
+        if let Some(why) = self.hand_over_refusal() {
+            return Err(why);
+        }
         if !self
             .backend
             .protocol
             .contains(VhostUserProtocolFeatures::DEVICE_STATE)
         {
-            return Err(format!(
-                "the virtiofsd serving {} cannot hand over its state (vhost-user \
-                 DEVICE_STATE): checkpointing or migrating a VM with shares needs a \
-                 virtiofsd with migration support (its --help lists --migration-mode)",
-                self.dir.display()
-            ));
+            return Err("virtiofsd's state transfer was not negotiated".into());
         }
         if self.stopped.is_none() {
-            self.stopped = Some(self.stop_rings());
+            match self.stop_rings() {
+                Ok(bases) => self.stopped = Some(bases),
+                Err(e) => {
+                    // Where a ring stopped is unknown: restarting it could replay
+                    // requests. virtiofsd is ended and the device thread fails the
+                    // guest's requests from here on.
+                    let _ = self.backend.child.0.kill();
+                    return Err(self.failed(
+                        "stopping the rings (the guest's I/O to that directory fails \
+                         from now on)",
+                        e,
+                    ));
+                }
+            }
         }
         let saved = self
             .save()

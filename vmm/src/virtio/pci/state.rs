@@ -175,10 +175,8 @@ impl VirtioPciDevice {
         if s.active {
             self.start_device().map_err(err)?;
             self.active = true;
-            // Whatever the driver queued meanwhile is looked at once.
-            for evt in &self.notify {
-                let _ = evt.write(1);
-            }
+            // Whatever the driver queued meanwhile is looked at once the VM runs.
+            self.kick_on_run = true;
         }
         Ok(())
     }
