@@ -38,7 +38,8 @@ pub const JOB_LOST: u8 = 170;
 /// A `--disk` or `--image` is missing, unreadable, locked by another writer, not
 /// ext4 (an image) or truncated.
 pub const DISK: u8 = 171;
-/// A `--share` directory is missing, or virtiofsd is missing or did not start.
+/// A `--share` directory is missing, or virtiofsd is missing, did not start, or
+/// cannot hand over its state when `--checkpoint-on` needs it to.
 pub const SHARE: u8 = 172;
 /// The VM was checkpointed on request (`checkpoint --stop`, `--checkpoint-on`) and
 /// stopped; `hpcvm restore` carries it on.
@@ -79,7 +80,7 @@ pub const TABLE: &[(u8, &str)] = &[
     ),
     (
         SHARE,
-        "shared directory unusable (missing, or virtiofsd missing or failed)",
+        "shared directory unusable (missing, virtiofsd missing or failed, or unable to hand over its state for --checkpoint-on)",
     ),
     (CHECKPOINTED, "checkpointed on request and stopped"),
     (
