@@ -276,6 +276,30 @@ pub fn ticks(lines: &[String]) -> Vec<(u32, f64)> {
         .collect()
 }
 
+/// Asserts that `lines` hold `tick 0 ..` to `tick N-1 ..`, each exactly once, in order.
+pub fn assert_ticks_once(lines: &[String], n: u32) {
+    assert_eq!(
+        ticks(lines).iter().map(|t| t.0).collect::<Vec<_>>(),
+        (0..n).collect::<Vec<_>>(),
+        "every tick exactly once, in order: {lines:?}"
+    );
+}
+
+/// A job that opens `log` in its working directory once and, through that one
+/// descriptor, writes `line I` while it prints `tick I UPTIME`, for I in 0..n a
+/// second apart; then it runs `then`.
+pub fn open_file_job(n: u32, then: &str) -> String {
+    format!(
+        "exec 3>>log; i=0; while [ $i -lt {n} ]; do echo line $i >&3; \
+         echo tick $i $(cut -d' ' -f1 /proc/uptime); i=$((i+1)); sleep 1; done; {then}"
+    )
+}
+
+/// What [`open_file_job`] has written to `log` after `n` ticks.
+pub fn open_file_log(n: usize) -> String {
+    (0..n).map(|i| format!("line {i}\n")).collect()
+}
+
 /// (thread name, Cpus_allowed_list) of every thread of process `pid`.
 pub fn thread_affinities(pid: u32) -> Vec<(String, String)> {
     let mut out = Vec::new();

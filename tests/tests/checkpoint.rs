@@ -6,7 +6,10 @@
 
 use std::time::Duration;
 
-use hpcvm_tests::proc::{assert_no_virtiofsd, ctl, run_hpcvm, socket_path, ticks, RunningVm};
+use hpcvm_tests::proc::{
+    assert_no_virtiofsd, assert_ticks_once, ctl, open_file_job, open_file_log, run_hpcvm,
+    socket_path, ticks, RunningVm,
+};
 use hpcvm_tests::scratch::Scratch;
 
 /// Boot, job and exit together; generous for software KVM.
@@ -102,12 +105,8 @@ fn a_checkpointed_job_carries_on_under_restore_and_bad_checkpoints_are_refused()
     let (code, err, _) = second.wait_exit(TIMEOUT);
     second.drain(&mut lines);
     assert_eq!(code, Some(7), "the job's status: {err}");
+    assert_ticks_once(&lines, 12);
     let ticks = ticks(&lines);
-    assert_eq!(
-        ticks.iter().map(|t| t.0).collect::<Vec<_>>(),
-        (0..12).collect::<Vec<_>>(),
-        "every tick exactly once, in order, across the two processes: {lines:?}"
-    );
     // Guest time carries on: the uptime step across the restore is a tick's, not the
     // 30 s the VM was stopped (a tick takes about 3 s of guest time on software KVM).
     let step = ticks[before].1 - ticks[before - 1].1;
@@ -130,9 +129,7 @@ fn a_job_in_its_shared_working_directory_keeps_its_open_files_across_checkpoints
     let dir = scratch.path("ck");
     let going_on = scratch.path("ck-on");
     let sock = socket_path("checkpoint-share");
-    let job = "exec 3>>log; i=0; while [ $i -lt 10 ]; do echo line $i >&3; \
-         echo tick $i $(cut -d' ' -f1 /proc/uptime); i=$((i+1)); sleep 1; done; \
-         cat late.txt; exit 5";
+    let job = open_file_job(10, "cat late.txt; exit 5");
     let mut first = RunningVm::start_in(
         &work,
         &[
@@ -142,7 +139,7 @@ fn a_job_in_its_shared_working_directory_keeps_its_open_files_across_checkpoints
             "--",
             "sh",
             "-c",
-            job,
+            &job,
         ],
     );
     let mut lines = Vec::new();
@@ -160,8 +157,11 @@ fn a_job_in_its_shared_working_directory_keeps_its_open_files_across_checkpoints
     assert_no_virtiofsd(&work);
     let before = ticks(&lines).len();
     let log = std::fs::read_to_string(work.join("log")).unwrap();
-    let expected = |n: usize| (0..n).map(|i| format!("line {i}\n")).collect::<String>();
-    assert_eq!(log, expected(before), "what the job wrote before the stop");
+    assert_eq!(
+        log,
+        open_file_log(before),
+        "what the job wrote before the stop"
+    );
 
     // The file the job holds open is gone: the new virtiofsd cannot take the state.
     std::fs::rename(work.join("log"), work.join("log.away")).unwrap();
@@ -182,11 +182,7 @@ fn a_job_in_its_shared_working_directory_keeps_its_open_files_across_checkpoints
     let (code, err, _) = second.wait_exit(TIMEOUT);
     second.drain(&mut lines);
     assert_eq!(code, Some(5), "the job's status: {err}");
-    assert_eq!(
-        ticks(&lines).iter().map(|t| t.0).collect::<Vec<_>>(),
-        (0..10).collect::<Vec<_>>(),
-        "every tick exactly once, in order: {lines:?}"
-    );
+    assert_ticks_once(&lines, 10);
     assert!(
         lines
             .iter()
@@ -196,7 +192,7 @@ fn a_job_in_its_shared_working_directory_keeps_its_open_files_across_checkpoints
     let log = std::fs::read_to_string(work.join("log")).unwrap();
     assert_eq!(
         log,
-        expected(10),
+        open_file_log(10),
         "every line once, through the one open file"
     );
     assert_no_virtiofsd(&work);

@@ -13,7 +13,10 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use hpcvm_tests::hugepages::{free_2m, Reservation};
-use hpcvm_tests::proc::{ctl, run_hpcvm, signal, socket_path, ticks, RunningVm};
+use hpcvm_tests::proc::{
+    assert_ticks_once, ctl, open_file_job, open_file_log, run_hpcvm, signal, socket_path, ticks,
+    RunningVm,
+};
 
 /// Boot, job and exit together; generous for software KVM.
 const TIMEOUT: Duration = Duration::from_secs(240);
@@ -145,12 +148,8 @@ fn a_job_migrates_twice_and_every_tick_appears_once() {
     c.drain(&mut lines);
     assert_eq!(code, Some(7), "the job's status: {err}");
     assert!(!api_c.exists());
+    assert_ticks_once(&lines, 14);
     let ticks = ticks(&lines);
-    assert_eq!(
-        ticks.iter().map(|t| t.0).collect::<Vec<_>>(),
-        (0..14).collect::<Vec<_>>(),
-        "every tick exactly once, in order, across the three processes: {lines:?}"
-    );
     assert!(
         lines.iter().any(|l| l == "blob intact"),
         "the job's RAM came through whole: {lines:?}"
@@ -203,11 +202,7 @@ fn a_hugepage_guest_migrates_onto_hugepages_and_gives_them_back() {
     let (code, err, _) = b.wait_exit(TIMEOUT);
     b.drain(&mut lines);
     assert_eq!(code, Some(7), "{err}");
-    assert_eq!(
-        ticks(&lines).iter().map(|t| t.0).collect::<Vec<_>>(),
-        (0..14).collect::<Vec<_>>(),
-        "{lines:?}"
-    );
+    assert_ticks_once(&lines, 14);
     assert!(lines.iter().any(|l| l == "blob intact"), "{lines:?}");
     assert_eq!(free_2m(), before, "every hugepage is back in the pool");
 }
@@ -299,9 +294,7 @@ fn a_job_writing_to_its_shared_working_directory_migrates() {
     let api = socket_path("mig-share");
     let refuse_at = socket_path("mig-share-refuse");
     let listen = socket_path("mig-share-listen");
-    let job = "exec 3>>log; i=0; while [ $i -lt 12 ]; do echo line $i >&3; \
-         echo tick $i $(cut -d' ' -f1 /proc/uptime); i=$((i+1)); sleep 1; done; \
-         cat late.txt; exit 5";
+    let job = open_file_job(12, "cat late.txt; exit 5");
     let mut a = RunningVm::start_in(
         &work,
         &[
@@ -313,7 +306,7 @@ fn a_job_writing_to_its_shared_working_directory_migrates() {
             "--",
             "sh",
             "-c",
-            job,
+            &job,
         ],
     );
     let mut lines = Vec::new();
@@ -344,11 +337,7 @@ fn a_job_writing_to_its_shared_working_directory_migrates() {
     let (code, err, _) = b.wait_exit(TIMEOUT);
     b.drain(&mut lines);
     assert_eq!(code, Some(5), "the job's status: {err}");
-    assert_eq!(
-        ticks(&lines).iter().map(|t| t.0).collect::<Vec<_>>(),
-        (0..12).collect::<Vec<_>>(),
-        "every tick exactly once, in order: {lines:?}"
-    );
+    assert_ticks_once(&lines, 12);
     assert!(
         lines
             .iter()
@@ -356,8 +345,11 @@ fn a_job_writing_to_its_shared_working_directory_migrates() {
         "{lines:?}"
     );
     let log = std::fs::read_to_string(work.join("log")).unwrap();
-    let expected = (0..12).map(|i| format!("line {i}\n")).collect::<String>();
-    assert_eq!(log, expected, "every line once, through the one open file");
+    assert_eq!(
+        log,
+        open_file_log(12),
+        "every line once, through the one open file"
+    );
     hpcvm_tests::proc::assert_no_virtiofsd(&work);
 }
 

@@ -151,8 +151,7 @@ fn the_main_paths_work_as_an_ordinary_user_in_the_kvm_group() {
     // handing over the file the job holds open: the job carries on writing it.
     let sock = u.path("ck.sock");
     let ck = u.path("ck");
-    let job = "exec 3>>log; i=0; while [ $i -lt 6 ]; do echo line $i >&3; echo tick $i; \
-         i=$((i+1)); sleep 1; done; exit 5";
+    let job = hpcvm_tests::proc::open_file_job(6, "exit 5");
     let mut vm = u.spawn(
         &[
             "run",
@@ -161,7 +160,7 @@ fn the_main_paths_work_as_an_ordinary_user_in_the_kvm_group() {
             "--",
             "sh",
             "-c",
-            job,
+            &job,
         ],
         true,
     );
@@ -190,7 +189,10 @@ fn the_main_paths_work_as_an_ordinary_user_in_the_kvm_group() {
     );
     let (code, _, err) = u.run(&["restore", ck.to_str().unwrap()], true);
     assert_eq!(code, Some(5), "{err}");
-    let want: String = (0..6).map(|i| format!("line {i}\n")).collect();
-    assert_eq!(std::fs::read_to_string(&log).unwrap(), want, "{err}");
+    assert_eq!(
+        std::fs::read_to_string(&log).unwrap(),
+        hpcvm_tests::proc::open_file_log(6),
+        "{err}"
+    );
     assert_eq!(owner(&log), u.uid);
 }

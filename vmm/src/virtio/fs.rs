@@ -98,8 +98,6 @@ struct Backend {
     /// Readable once virtiofsd has ended (None where the kernel has no pidfds).
     pidfd: Option<OwnedFd>,
     frontend: Frontend,
-    /// The protocol features acknowledged.
-    protocol: VhostUserProtocolFeatures,
     /// It ended during the run and the device serves the queues itself (and the
     /// error has been printed).
     ended: bool,
@@ -127,8 +125,8 @@ pub struct Fs {
     config: Vec<u8>,
     backend: Backend,
     backend_features: u64,
-    /// virtiofsd offers to hand over its state (vhost-user DEVICE_STATE).
-    hands_over: bool,
+    /// The protocol features virtiofsd offers (none if it does not negotiate them).
+    offered_protocol: VhostUserProtocolFeatures,
     /// Which rings virtiofsd serves now.
     running: Vec<bool>,
     /// Where its rings stopped, while quiesced for a checkpoint or migration.
@@ -249,11 +247,15 @@ impl Fs {
         let backend_features = frontend
             .get_features()
             .map_err(|e| start(format!("vhost-user GET_FEATURES: {e}")))?;
-        let hands_over = backend_features & F_PROTOCOL_FEATURES != 0
-            && frontend
+        // Asked now (not only at activation) to know whether the VM can be
+        // checkpointed before the guest runs.
+        let offered_protocol = if backend_features & F_PROTOCOL_FEATURES != 0 {
+            frontend
                 .get_protocol_features()
                 .map_err(|e| start(format!("vhost-user GET_PROTOCOL_FEATURES: {e}")))?
-                .contains(VhostUserProtocolFeatures::DEVICE_STATE);
+        } else {
+            VhostUserProtocolFeatures::empty()
+        };
         let mut config = vec![0u8; TAG_LEN + 4];
         let tag = share.tag.as_bytes();
         config[..tag.len().min(TAG_LEN)].copy_from_slice(&tag[..tag.len().min(TAG_LEN)]);
@@ -266,11 +268,10 @@ impl Fs {
                 child,
                 pidfd,
                 frontend,
-                protocol: VhostUserProtocolFeatures::empty(),
                 ended: false,
             },
             backend_features,
-            hands_over,
+            offered_protocol,
             running: vec![false; 2],
             stopped: None,
             saved: None,
@@ -285,7 +286,10 @@ impl Fs {
 
     /// Why this share's VM cannot be checkpointed or migrated, if it cannot.
     pub fn hand_over_refusal(&self) -> Option<String> {
-        (!self.hands_over).then(|| {
+        let hands_over = self
+            .offered_protocol
+            .contains(VhostUserProtocolFeatures::DEVICE_STATE);
+        (!hands_over).then(|| {
             format!(
                 "the virtiofsd serving {} cannot hand over its state (vhost-user \
                  DEVICE_STATE): checkpointing or migrating a VM with shares needs a \
@@ -309,12 +313,9 @@ impl Fs {
             acked |= F_PROTOCOL_FEATURES;
         }
         f.set_features(acked)?;
-        self.backend.protocol = VhostUserProtocolFeatures::empty();
         if acked & F_PROTOCOL_FEATURES != 0 {
-            let offered = f.get_protocol_features()?;
             let wanted = VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::DEVICE_STATE;
-            f.set_protocol_features(offered & wanted)?;
-            self.backend.protocol = offered & wanted;
+            f.set_protocol_features(self.offered_protocol & wanted)?;
         }
         let regions = ctx
             .mem

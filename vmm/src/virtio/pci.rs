@@ -393,9 +393,10 @@ impl VirtioPciDevice {
     }
 
     /// The checkpoint is written or the migration failed: what [`Self::quiesce`]
-    /// stopped carries on (nothing for a device handed over, or never started).
+    /// stopped carries on (nothing for a device handed over, never started, or
+    /// whose queues hpcvm serves itself: the device thread resumes with the lock).
     pub fn resume_backend(&mut self) {
-        if !self.active {
+        if !self.active || !self.dev.serves_own_queues() {
             return;
         }
         let resumed = self.calls().and_then(|calls| {
@@ -410,8 +411,7 @@ impl VirtioPciDevice {
         match resumed {
             // A kick the backend took just before its rings stopped may not have
             // been acted on: each queue is looked at once more.
-            Ok(()) if self.dev.serves_own_queues() => self.kick_all(),
-            Ok(()) => {}
+            Ok(()) => self.kick_all(),
             Err(e) => log::error!("{}: cannot carry on after the checkpoint: {e}", self.name),
         }
     }

@@ -8,14 +8,13 @@
 //! VM that goes on (a checkpoint without --stop, a failed migration) restarts its
 //! rings where they stopped. The guest sees its open files carry on.
 
+use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use devices::virtio::{ActivateContext, DeviceState, FsState};
-use vhost::vhost_user::message::{
-    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserProtocolFeatures,
-};
+use vhost::vhost_user::message::{VhostTransferStateDirection, VhostTransferStatePhase};
 use vhost::vhost_user::VhostUserFrontend;
 use vhost::VhostBackend;
 
@@ -55,13 +54,6 @@ impl Fs {
         }
         if let Some(why) = self.hand_over_refusal() {
             return Err(why);
-        }
-        if !self
-            .backend
-            .protocol
-            .contains(VhostUserProtocolFeatures::DEVICE_STATE)
-        {
-            return Err("virtiofsd's state transfer was not negotiated".into());
         }
         if self.stopped.is_none() {
             match self.stop_rings() {
@@ -145,35 +137,15 @@ impl Fs {
 
     /// Has the new virtiofsd take `backend` (what the old one handed over).
     pub(super) fn load(&mut self, backend: &[u8]) -> Result<(), String> {
-        if !self
-            .backend
-            .protocol
-            .contains(VhostUserProtocolFeatures::DEVICE_STATE)
-        {
-            return Err(format!(
-                "the virtiofsd serving {} cannot take the checkpoint's state \
-                 (vhost-user DEVICE_STATE): it needs a virtiofsd with migration support \
-                 (its --help lists --migration-mode)",
-                self.dir.display()
-            ));
+        if let Some(why) = self.hand_over_refusal() {
+            return Err(why);
         }
         let loaded = (|| {
-            let (ours, theirs) = std::io::pipe()?;
-            let f = &self.backend.frontend;
-            let other = f
-                .set_device_state_fd(
-                    VhostTransferStateDirection::LOAD,
-                    VhostTransferStatePhase::STOPPED,
-                    OwnedFd::from(ours),
-                )
-                .map_err(std::io::Error::other)?;
-            let mut to: Box<dyn Write> = match other {
-                Some(file) => Box::new(file),
-                None => Box::new(theirs),
-            };
+            let (theirs, ours) = std::io::pipe()?;
+            let mut to = self.transfer(VhostTransferStateDirection::LOAD, ours, theirs)?;
             to.write_all(backend)?;
             drop(to);
-            f.check_device_state().map_err(|e| {
+            self.backend.frontend.check_device_state().map_err(|e| {
                 std::io::Error::other(format!(
                     "{e}; it refused the state (see its message above: a file the \
                      guest had open may have been moved or removed)"
@@ -186,20 +158,30 @@ impl Fs {
     /// virtiofsd's state, read through a pipe (its rings must be stopped).
     fn save(&self) -> std::io::Result<Vec<u8>> {
         let (ours, theirs) = std::io::pipe()?;
-        let f = &self.backend.frontend;
-        let other = f
-            .set_device_state_fd(
-                VhostTransferStateDirection::SAVE,
-                VhostTransferStatePhase::STOPPED,
-                OwnedFd::from(theirs),
-            )
+        let from = self.transfer(VhostTransferStateDirection::SAVE, ours, theirs)?;
+        let bytes = read_to_end_within(from, STATE_WAIT)?;
+        self.backend
+            .frontend
+            .check_device_state()
             .map_err(std::io::Error::other)?;
-        let bytes = match other {
-            Some(file) => read_to_end_within(file, STATE_WAIT)?,
-            None => read_to_end_within(ours, STATE_WAIT)?,
-        };
-        f.check_device_state().map_err(std::io::Error::other)?;
         Ok(bytes)
+    }
+
+    /// Starts a state transfer in `direction`, handing virtiofsd `theirs` (one end
+    /// of a pipe); the end to use here: `ours`, or the descriptor virtiofsd gave
+    /// back instead.
+    fn transfer(
+        &self,
+        direction: VhostTransferStateDirection,
+        ours: impl Into<OwnedFd>,
+        theirs: impl Into<OwnedFd>,
+    ) -> std::io::Result<File> {
+        let other = self
+            .backend
+            .frontend
+            .set_device_state_fd(direction, VhostTransferStatePhase::STOPPED, theirs.into())
+            .map_err(std::io::Error::other)?;
+        Ok(other.unwrap_or_else(|| File::from(ours.into())))
     }
 }
 
